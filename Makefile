@@ -1,0 +1,35 @@
+# The two commands a fresh machine needs: `make demo` and `make test`.
+# Both create .venv when it is missing and install the project into it.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+TL     := $(VENV)/bin/tl
+STAMP  := $(VENV)/.tl-installed
+
+# torch and torchvision are pinned as a pair: they come from this machine's
+# local wheel store, and an unpinned torchvision can pull a mismatched torch.
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: demo test bench clean install
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check $(TORCH_PINS)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(TL) featurize recipes/quickstart.yaml
+	$(TL) fit recipes/quickstart.yaml
+	$(TL) evaluate recipes/quickstart.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) benchmarks/featurize_speed.py
+
+clean:
+	rm -rf runs .tl-cache
