@@ -12,10 +12,10 @@ from typing import Optional
 import torch
 from torch import fx, nn
 
-from tlcli.errors import RecipeError
+from tlcli.errors import RecipeError, WeightsError, did_you_mean
 from tlcli.graph import ModelGraph, Split, TransferModel, frozen_extractor, split_at, trainable_part
 from tlcli.recipe import Recipe
-from tlcli.zoo import BaseModel, Preprocess, build_base, replace_head, resolve_head_layer
+from tlcli.zoo import BaseModel, Preprocess, build_base, model_names, replace_head, resolve_head_layer
 
 
 @dataclass
@@ -41,7 +41,15 @@ class Prepared:
 def build_model(recipe: Recipe) -> BaseModel:
     # Random inits (weights: none, tl zoo) must be reproducible from the recipe's seed.
     torch.manual_seed(recipe.fine_tune.seed)
-    return build_base(recipe.base)
+    names = model_names(recipe.base.zoo)
+    if recipe.base.model not in names:
+        raise RecipeError([recipe.problem(
+            ("base", "model"), f"unknown {recipe.base.zoo} model '{recipe.base.model}'{did_you_mean(recipe.base.model, names)}"
+        )])
+    try:
+        return build_base(recipe.base)
+    except WeightsError as err:
+        raise RecipeError([recipe.problem(("base", "weights"), str(err))]) from None
 
 
 def prepare(recipe: Recipe, num_classes: int) -> Prepared:
@@ -49,8 +57,6 @@ def prepare(recipe: Recipe, num_classes: int) -> Prepared:
     head_layer = resolve_head_layer(recipe.head, base)
     module_names = [n for n, _ in base.model.named_modules() if n]
     if head_layer not in module_names:
-        from tlcli.errors import did_you_mean
-
         raise RecipeError([recipe.problem(("head", "layer"), f"unknown layer '{head_layer}'{did_you_mean(head_layer, module_names)}")])
     replace_head(base.model, head_layer, num_classes, recipe.head.init, recipe.fine_tune.seed)
     graph = ModelGraph.trace(base.model, recipe.base.zoo)

@@ -223,8 +223,10 @@ def torchvision_weights(model_name: str, name: str):
     except KeyError:
         from tlcli.errors import did_you_mean
 
-        choices = [f"{enum.__name__}.{m}" for m in enum.__members__] + ["DEFAULT"]
-        raise WeightsError(f"unknown weights '{name}' for {model_name}{did_you_mean(name, choices)}") from None
+        choices = list(enum.__members__) + ["DEFAULT"]
+        raise WeightsError(
+            f"unknown weights '{name}' for {model_name}{did_you_mean(member, choices)} (available: {', '.join(choices)})"
+        ) from None
 
 
 def torchvision_preprocess(weights) -> Preprocess:
@@ -254,9 +256,10 @@ def model_names(zoo: str) -> list[str]:
 
         return timm.list_models()
     if zoo == "torchvision":
+        import torchvision.models
         from torchvision.models import list_models
 
-        return list_models(module=__import__("torchvision.models", fromlist=["models"]))
+        return list_models(module=torchvision.models)  # classification models only
     from tlcli.models import TL_MODELS
 
     return sorted(TL_MODELS)

@@ -1,0 +1,131 @@
+"""The feature cache: keyed on everything that shapes features, never stale, never half-written."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tlcli.data import plan_data
+from tlcli.features import cache_key, featurize, key_components, open_cache
+from tlcli.models import TinyResNet
+from tlcli.recipe import Recipe
+from tlcli.surgery import prepare
+
+from conftest import make_imagefolder, tiny_recipe, write_recipe
+
+
+def key_of(recipe_dict) -> str:
+    recipe = Recipe.model_validate(recipe_dict)
+    plan = plan_data(recipe)
+    prepared = prepare(recipe, len(plan.class_names))
+    return cache_key(key_components(recipe, prepared, plan))
+
+
+def _weights_file(path, seed):
+    torch.manual_seed(seed)
+    save_file(TinyResNet().state_dict(), str(path))
+    return str(path)
+
+
+def test_feature_relevant_changes_give_new_keys(tmp_path):
+    w1, w2 = _weights_file(tmp_path / "w1.safetensors", 1), _weights_file(tmp_path / "w2.safetensors", 2)
+    base = tiny_recipe(tmp_path, base={"weights": {"file": w1}})
+    variants = {
+        "boundary": tiny_recipe(tmp_path, base={"weights": {"file": w1}}, freeze={"until": "block.4"}),
+        "image size": tiny_recipe(tmp_path, base={"weights": {"file": w1}, "input_size": 24}),
+        "weights": tiny_recipe(tmp_path, base={"weights": {"file": w2}}),
+        "data sample": tiny_recipe(tmp_path, base={"weights": {"file": w1}}, data={"limit": 150}),
+        "data split": tiny_recipe(tmp_path, base={"weights": {"file": w1}}, data={"split": {"seed": 1}}),
+        "classes": tiny_recipe(tmp_path, base={"weights": {"file": w1}}, data={"classes": [0, 1, 2, 3, 4]}),
+        "dtype": tiny_recipe(tmp_path, base={"weights": {"file": w1}}, cache={"dtype": "bfloat16"}),
+    }
+    keys = {name: key_of(r) for name, r in variants.items()}
+    reference = key_of(base)
+    for name, key in keys.items():
+        assert key != reference, f"changing the {name} must change the cache key"
+    assert len(set(keys.values())) == len(keys)
+
+
+def test_training_only_changes_reuse_the_key(tmp_path):
+    base = tiny_recipe(tmp_path)
+    reference = key_of(base)
+    assert key_of(tiny_recipe(tmp_path, fine_tune={"lr": 0.5, "epochs": 9, "batch_size": 7, "optimizer": "sgd"})) == reference
+    assert key_of(tiny_recipe(tmp_path, output_dir=str(tmp_path / "elsewhere"), head={"init": "normal"})) == reference
+
+
+def test_image_content_change_gives_new_key_even_with_same_mtime(tmp_path):
+    root = make_imagefolder(tmp_path / "imgs", per_class=10)
+    recipe = tiny_recipe(tmp_path)
+    recipe["data"] = {"imagefolder": str(root), "split": {"val": 0.1, "test": 0.2}}
+    before = key_of(recipe)
+    victim = sorted((root / "b").iterdir())[0]
+    stat = victim.stat()
+    other = sorted((root / "c").iterdir())[0].read_bytes()
+    victim.write_bytes(other)
+    os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # the Ludwig #1078 trap
+    assert key_of(recipe) != before
+
+
+def test_second_featurize_hits_and_fit_reuses(tmp_path, cli):
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path))
+    code, out = cli("featurize", path)
+    assert code == 0, out
+    caches = list((tmp_path / "cache").iterdir())
+    assert len(caches) == 1
+    first = {p.name: p.stat().st_mtime_ns for p in caches[0].iterdir()}
+    write_recipe(path, tiny_recipe(tmp_path, fine_tune={"lr": 0.05, "epochs": 2}))
+    code, out = cli("fit", path)
+    assert code == 0, out
+    assert list((tmp_path / "cache").iterdir()) == caches
+    assert {p.name: p.stat().st_mtime_ns for p in caches[0].iterdir()} == first
+
+
+def test_cache_layout_and_manifest(tmp_path):
+    recipe = Recipe.model_validate(tiny_recipe(tmp_path, cache={"shard_size": 40}))
+    plan = plan_data(recipe)
+    prepared = prepare(recipe, len(plan.class_names))
+    cache = featurize(recipe, prepared, plan, torch.device("cpu"))
+    m = json.loads((cache.path / "manifest.json").read_text())
+    assert [f["name"] for f in m["frontier"]] == ["stem.2", "block.1"]
+    assert m["splits"]["train"]["count"] == len(plan.splits["train"])
+    assert len(m["splits"]["train"]["shards"]) > 1  # shard_size bounds memory
+    assert sum(len(labels) for _, labels in cache.iterate("test")) == len(plan.splits["test"])
+    # Damage a shard: the cache is no longer accepted.
+    shard = cache.path / m["splits"]["train"]["shards"][0]["file"]
+    shard.write_bytes(shard.read_bytes()[:-10])
+    assert open_cache(cache.path) is None
+
+
+def test_killed_featurize_leaves_no_accepted_cache_and_is_rebuilt(tmp_path):
+    # Large images and one-image shards make featurize take seconds, so the kill
+    # lands mid-run; the test waits for the first shard before killing.
+    recipe = tiny_recipe(tmp_path, base={"input_size": 512}, data={"limit": 400, "batch_size": 4}, cache={"shard_size": 4})
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    proc = subprocess.Popen([sys.executable, "-m", "tlcli", "featurize", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    cache_root = tmp_path / "cache"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if any(cache_root.glob("*.tmp-*/train-00001.safetensors")):
+            break
+        assert proc.poll() is None, "featurize finished before it could be killed"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partials = list(cache_root.glob("*.tmp-*"))
+    assert partials and not list(cache_root.glob("*/manifest.json"))
+    key = partials[0].name.split(".tmp-")[0]
+    assert open_cache(cache_root / key) is None
+
+    r = Recipe.model_validate(recipe)
+    plan = plan_data(r)
+    prepared = prepare(r, len(plan.class_names))
+    cache = featurize(r, prepared, plan, torch.device("cpu"))
+    assert cache.key == key and open_cache(cache_root / key) is not None
+    assert not list(cache_root.glob("*.tmp-*")), "the dead run's partial directory is cleaned up"
+    assert cache.count("train") + cache.count("val") + cache.count("test") == 400
