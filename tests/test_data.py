@@ -1,0 +1,102 @@
+"""Data sources: digits, imagefolder (split or pre-split), flowers download, safe extraction."""
+
+import io
+import tarfile
+
+import pytest
+
+from tlcli.data import plan_data, read_image, safe_extract
+from tlcli.errors import DataError
+from tlcli.recipe import Recipe
+
+from conftest import LocalServer, make_imagefolder, tiny_recipe
+
+
+def recipe_for(tmp_path, **data):
+    r = tiny_recipe(tmp_path)
+    r["data"] = {"split": {"val": 0.2, "test": 0.2, "seed": 0}, **data}
+    return Recipe.model_validate(r)
+
+
+def test_digits_split_is_stratified_and_seeded(tmp_path):
+    plan = plan_data(Recipe.model_validate(tiny_recipe(tmp_path, data={"limit": None})))
+    sizes = {k: len(v) for k, v in plan.splits.items()}
+    assert sum(sizes.values()) == 1797 and sizes["test"] == 360
+    again = plan_data(Recipe.model_validate(tiny_recipe(tmp_path, data={"limit": None})))
+    assert again.splits == plan.splits
+    splits = [set(s for s, _ in v) for v in plan.splits.values()]
+    assert not (splits[0] & splits[1] or splits[0] & splits[2] or splits[1] & splits[2])
+
+
+def test_digits_become_rgb_dark_ink_on_white():
+    img = read_image(0)
+    assert img.shape == (3, 8, 8) and img.max() == 1.0 and img.min() >= 0.0
+
+
+def test_imagefolder_unsplit(tmp_path):
+    root = make_imagefolder(tmp_path / "imgs", per_class=10)
+    plan = plan_data(recipe_for(tmp_path, imagefolder=str(root)))
+    assert plan.class_names == ["a", "b", "c"]
+    assert sum(len(v) for v in plan.splits.values()) == 30 and len(plan.splits["test"]) == 6
+
+
+def test_imagefolder_presplit_without_val_carves_it_from_train(tmp_path):
+    root = make_imagefolder(tmp_path / "imgs", per_class=10, split_dirs=["train", "test"])
+    plan = plan_data(recipe_for(tmp_path, imagefolder=str(root)))
+    assert all("/test/" in s for s, _ in plan.splits["test"]) and len(plan.splits["test"]) == 30
+    assert len(plan.splits["train"]) + len(plan.splits["val"]) == 30
+    assert all("/train/" in s for s, _ in plan.splits["val"])
+
+
+def test_class_selection_relabels_in_given_order(tmp_path):
+    plan = plan_data(Recipe.model_validate(tiny_recipe(tmp_path, data={"classes": [7, 3]})))
+    assert plan.class_names == ["7", "3"]
+    assert {l for _, l in plan.splits["train"]} == {0, 1}
+
+
+def _flowers_tgz(tmp_path, members):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    served = tmp_path / "srv"
+    served.mkdir(exist_ok=True)
+    (served / "flower_photos.tgz").write_bytes(buf.getvalue())
+    return served
+
+
+def test_flowers_download_from_local_server(tmp_path, monkeypatch):
+    monkeypatch.setenv("TL_DATA_HOME", str(tmp_path / "data"))
+    src = make_imagefolder(tmp_path / "src", classes=("daisy", "roses"), per_class=10)
+    members = {f"flower_photos/{p.parent.name}/{p.name}": p.read_bytes() for p in src.rglob("*.png")}
+    members["flower_photos/LICENSE.txt"] = b"license"
+    served = _flowers_tgz(tmp_path, members)
+    with LocalServer(served) as srv:
+        plan = plan_data(recipe_for(tmp_path, dataset="flowers", url=f"{srv.url}/flower_photos.tgz"))
+    assert plan.class_names == ["daisy", "roses"] and sum(len(v) for v in plan.splits.values()) == 20
+    # Second time: no server needed.
+    plan = plan_data(recipe_for(tmp_path, dataset="flowers", url="http://127.0.0.1:9/x.tgz"))
+    assert plan.class_names == ["daisy", "roses"]
+
+
+def test_flowers_offline_error_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setenv("TL_DATA_HOME", str(tmp_path / "data"))
+    with pytest.raises(DataError, match="Offline, extract flower_photos.tgz"):
+        plan_data(recipe_for(tmp_path, dataset="flowers", url="http://127.0.0.1:9/flower_photos.tgz"))
+
+
+def test_extraction_refuses_parent_traversal(tmp_path):
+    served = _flowers_tgz(tmp_path, {"../escape.txt": b"gotcha", "flower_photos/a/x.png": b"x"})
+    with pytest.raises(DataError, match="refusing to extract"):
+        safe_extract(served / "flower_photos.tgz", tmp_path / "out")
+    assert not (tmp_path / "escape.txt").exists()
+
+
+def test_extraction_keeps_absolute_paths_inside(tmp_path):
+    target = tmp_path / "abs-escape.txt"
+    served = _flowers_tgz(tmp_path, {str(target): b"gotcha"})
+    safe_extract(served / "flower_photos.tgz", tmp_path / "out")
+    assert not target.exists()
+    assert (tmp_path / "out" / str(target).lstrip("/")).read_bytes() == b"gotcha"
