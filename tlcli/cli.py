@@ -79,13 +79,14 @@ def inspect(recipe: RecipeArg) -> None:
 
     table = Table(title=summary["title"])
     for column in ("#", "node", "op", "output", "params", "state"):
-        table.add_column(column, justify="right" if column in ("#", "params") else "left")
+        table.add_column(column, justify="right" if column in ("#", "params") else "left", no_wrap=column == "node")
     for r in rows:
         state = "[blue]frozen[/]" if r["frozen"] else "[green]trainable[/]"
         if r["frontier"]:
             state += " [bold yellow]◀ frontier[/]"
         table.add_row(str(r["index"]), r["name"], r["op"], r["shape"], f"{r['params']:,}", state)
-    console = Console()
+    # Node names are what users copy into recipes: never truncate them, even in CI logs.
+    console = Console(width=None if sys.stdout.isatty() else 140)
     console.print(table)
     console.print(
         f"frozen parameters: {summary['frozen_params']:,}   trainable: {summary['trainable_params']:,}   "
