@@ -111,6 +111,11 @@ class LocalServer:
 @pytest.fixture
 def offline(monkeypatch):
     """Make every download fail fast: proxies point at a closed loopback port."""
+    import urllib.request
+
+    # urlopen builds its global opener, proxies included, on first use and keeps it:
+    # start from none and restore afterwards, so the fake proxy cannot outlive the test.
+    monkeypatch.setattr(urllib.request, "_opener", None)
     for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
         monkeypatch.setenv(var, "http://127.0.0.1:9")
     monkeypatch.delenv("no_proxy", raising=False)

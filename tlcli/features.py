@@ -44,7 +44,8 @@ def key_components(recipe: Recipe, prepared: Prepared, plan: DataPlan) -> dict:
     """Everything that determines the cached features, one hash or value each."""
     split = prepared.split
     extractor = prepared.extractor()
-    frozen_state = {k: v for k, v in prepared.model.state_dict().items() if k in set(split.frozen_state_names(prepared.model))}
+    frozen_names = set(split.frozen_state_names(prepared.model))
+    frozen_state = {k: v for k, v in prepared.model.state_dict().items() if k in frozen_names}
     modules = "\n".join(f"{n}: {prepared.model.get_submodule(n)!r}" for n in split.frozen_module_names())
     return {
         "format": CACHE_FORMAT,
