@@ -204,16 +204,12 @@ def trainable_part(split: Split) -> fx.GraphModule:
     env: dict[fx.Node, fx.Node] = {}
     for i, node in enumerate(split.frontier):
         env[node] = g.placeholder(f"frontier_{i}")
-    dependent = _input_dependent(split.graph.module.graph)
     for node in split.graph.module.graph.nodes:
-        if node in env:
-            continue
-        if node.op == "output":
-            g.node_copy(node, lambda n: env[n])
-        elif node not in split.frozen and (node in dependent or node.op != "placeholder"):
-            if node.op == "placeholder":
-                continue
-            env[node] = g.node_copy(node, lambda n: env[n])
+        if node in env or node in split.frozen or node.op == "placeholder":
+            continue  # frontier inputs are placeholders already; the rest of the frozen part is gone
+        copied = g.node_copy(node, lambda n: env[n])
+        if node.op != "output":
+            env[node] = copied
     return _pruned(split.graph.module, g, "TrainablePart")
 
 
