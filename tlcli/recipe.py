@@ -137,11 +137,20 @@ class HeadSpec(Strict):
 
 
 class FineTuneSpec(Strict):
-    optimizer: Literal["sgd", "adam", "adamw"] = "adam"
+    optimizer: Literal["sgd", "adam", "adamw", "rmsprop"] = "adam"
     lr: float = Field(default=1e-3, gt=0)
     momentum: float = Field(default=0.9, ge=0, lt=1)
     nesterov: bool = False
     weight_decay: float = Field(default=0.0, ge=0)
+    # Norm weights and biases usually take no weight decay (timm, fastai do the same).
+    decay_norm_and_bias: bool = False
+    # The learning-rate schedule, stepped every batch; warmup ramps linearly from 0.
+    schedule: Literal["constant", "step", "cosine", "onecycle"] = "constant"
+    warmup_epochs: float = Field(default=0.0, ge=0)
+    step_epochs: int = Field(default=10, ge=1)  # schedule: step — multiply by step_gamma every step_epochs
+    step_gamma: float = Field(default=0.1, gt=0, le=1)
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+    grad_clip: Optional[float] = Field(default=None, gt=0)  # max global grad norm
     epochs: int = Field(default=10, ge=1)
     batch_size: int = Field(default=64, ge=1)
     seed: int = 0
@@ -150,6 +159,8 @@ class FineTuneSpec(Strict):
     def _nesterov_needs_momentum(self) -> "FineTuneSpec":
         if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
             raise ValueError("nesterov needs optimizer: sgd with momentum > 0")
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(f"warmup_epochs ({self.warmup_epochs:g}) must be shorter than epochs ({self.epochs})")
         return self
 
 

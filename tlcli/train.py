@@ -9,6 +9,7 @@ weight decay can touch them.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,12 +39,42 @@ class FitResult:
     seconds: float
 
 
-def make_optimizer(ft: FineTuneSpec, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+def make_optimizer(ft: FineTuneSpec, named_params: list[tuple[str, torch.nn.Parameter]]) -> torch.optim.Optimizer:
+    """Frozen parameters never get here; norm weights and biases (1-d tensors)
+    go into a no-decay group unless `decay_norm_and_bias`."""
+    decay = [p for n, p in named_params if ft.decay_norm_and_bias or p.ndim > 1]
+    no_decay = [p for n, p in named_params if not ft.decay_norm_and_bias and p.ndim <= 1]
+    groups = [g for g in ({"params": decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
     if ft.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=ft.lr, momentum=ft.momentum, nesterov=ft.nesterov, weight_decay=ft.weight_decay)
+        return torch.optim.SGD(groups, lr=ft.lr, momentum=ft.momentum, nesterov=ft.nesterov, weight_decay=ft.weight_decay)
+    if ft.optimizer == "rmsprop":
+        return torch.optim.RMSprop(groups, lr=ft.lr, momentum=ft.momentum, weight_decay=ft.weight_decay)
     if ft.optimizer == "adam":
-        return torch.optim.Adam(params, lr=ft.lr, weight_decay=ft.weight_decay)
-    return torch.optim.AdamW(params, lr=ft.lr, weight_decay=ft.weight_decay)
+        return torch.optim.Adam(groups, lr=ft.lr, weight_decay=ft.weight_decay)
+    return torch.optim.AdamW(groups, lr=ft.lr, weight_decay=ft.weight_decay)
+
+
+def lr_factor(ft: FineTuneSpec, epoch_progress: float) -> float:
+    """The multiplier on `lr` at a point in training, in epochs (fractional)."""
+    if epoch_progress < ft.warmup_epochs:
+        return epoch_progress / ft.warmup_epochs
+    if ft.schedule == "constant":
+        return 1.0
+    if ft.schedule == "step":
+        return ft.step_gamma ** int(epoch_progress // ft.step_epochs)
+    span = ft.epochs - ft.warmup_epochs
+    t = min(max((epoch_progress - ft.warmup_epochs) / span, 0.0), 1.0)
+    if ft.schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * t))
+    # onecycle: up to lr over the first 30% (after any warmup), then cosine down to ~0.
+    if t < 0.3:
+        return 0.04 + 0.96 * (0.5 - 0.5 * math.cos(math.pi * t / 0.3))
+    return 0.5 * (1 + math.cos(math.pi * (t - 0.3) / 0.7))
+
+
+def make_scheduler(ft: FineTuneSpec, optimizer, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Stepped once per batch, so warmup and cosine are smooth within an epoch."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(ft, step / steps_per_epoch))
 
 
 def cached_batches(
@@ -61,8 +92,9 @@ def cached_batches(
             yield [f[idx] for f in frontier], labels[idx]
 
 
-def run_epoch(model, batches, device, optimizer=None) -> dict:
+def run_epoch(model, batches, device, optimizer=None, scheduler=None, ft: FineTuneSpec | None = None) -> dict:
     training = optimizer is not None
+    smoothing = ft.label_smoothing if ft and training else 0.0
     model.train(training)
     total_loss, correct, seen = 0.0, 0, 0
     with torch.set_grad_enabled(training):
@@ -70,11 +102,15 @@ def run_epoch(model, batches, device, optimizer=None) -> dict:
             frontier = [f.to(device, non_blocking=True) for f in frontier]
             labels = labels.to(device, non_blocking=True)
             logits = model(*frontier)
-            loss = F.cross_entropy(logits, labels)
+            loss = F.cross_entropy(logits, labels, label_smoothing=smoothing)
             if training:
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if ft and ft.grad_clip:
+                    torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], ft.grad_clip)
                 optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
             # .item() is a device sync; once per batch is cheap next to the step.
             total_loss += loss.item() * len(labels)
             correct += (logits.argmax(1) == labels).sum().item()
@@ -94,11 +130,15 @@ def fit(recipe: Recipe, reporter: Reporter = Reporter(), force: bool = False) ->
 
     transfer = prepared.transfer_model()  # marks frozen parameters requires_grad=False
     trainable = prepared.trainable().to(device)
-    params = [p for p in trainable.parameters() if p.requires_grad]
+    params = [(n, p) for n, p in trainable.named_parameters() if p.requires_grad]
     if not params:
         raise RecipeError([recipe.problem(("freeze", "until"), "everything is frozen: there is nothing left to train")])
     ft = recipe.fine_tune
     optimizer = make_optimizer(ft, params)
+    steps_per_epoch = sum(
+        math.ceil(shard["rows"] / ft.batch_size) for shard in cache.manifest["splits"]["train"]["shards"]
+    )
+    scheduler = make_scheduler(ft, optimizer, max(steps_per_epoch, 1))
     generator = torch.Generator().manual_seed(ft.seed)
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -110,12 +150,12 @@ def fit(recipe: Recipe, reporter: Reporter = Reporter(), force: bool = False) ->
     with reporter.task("fit", total=ft.epochs, unit="epoch") as task, open(metrics_path, "a") as log:
         for epoch in range(1, ft.epochs + 1):
             t0 = time.perf_counter()
-            train = run_epoch(trainable, cached_batches(cache, "train", ft.batch_size, generator), device, optimizer)
-            row = {"epoch": epoch, "train_loss": train["loss"], "train_acc": train["acc"]}
+            lr = optimizer.param_groups[0]["lr"]
+            train = run_epoch(trainable, cached_batches(cache, "train", ft.batch_size, generator), device, optimizer, scheduler, ft)
+            row = {"epoch": epoch, "train_loss": train["loss"], "train_acc": train["acc"], "lr": lr}
             if has_val:
                 val = run_epoch(trainable, cached_batches(cache, "val", 1024, None), device)
                 row.update(val_loss=val["loss"], val_acc=val["acc"])
-            row["lr"] = optimizer.param_groups[0]["lr"]
             row["seconds"] = round(time.perf_counter() - t0, 4)
             log.write(json.dumps(row) + "\n")
             log.flush()
