@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml Makefile
 
 demo: $(STAMP)
 	$(TL) featurize recipes/quickstart.yaml
-	$(TL) fit recipes/quickstart.yaml
+	$(TL) fit --force recipes/quickstart.yaml  # the demo owns runs/quickstart: rerunning it must work
 	$(TL) evaluate recipes/quickstart.yaml
 
 test: $(STAMP)
