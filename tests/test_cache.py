@@ -24,7 +24,7 @@ def key_of(recipe_dict) -> str:
     recipe = Recipe.model_validate(recipe_dict)
     plan = plan_data(recipe)
     prepared = prepare(recipe, len(plan.class_names))
-    return cache_key(key_components(recipe, prepared, plan))
+    return cache_key(key_components(recipe, prepared, plan, prepared.extractor()))
 
 
 def _weights_file(path, seed):

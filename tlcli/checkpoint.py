@@ -12,7 +12,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, save_file
 
 from tlcli import __version__
@@ -75,6 +74,3 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
 def finished(run_dir: Path) -> bool:
     return (run_dir / CHECKPOINT).is_file()
 
-
-def state_dict_cpu(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu").clone() for k, v in module.state_dict().items()}

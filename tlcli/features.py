@@ -36,14 +36,14 @@ def _hash_tensors(state: dict[str, torch.Tensor]) -> str:
         t = state[name].detach().cpu().contiguous().reshape(-1)
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         # bf16 and friends have no numpy view; the raw bytes are what matter.
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():
+            h.update(t.view(torch.uint8).numpy())  # hashed in place, no bytes copy
     return h.hexdigest()
 
 
-def key_components(recipe: Recipe, prepared: Prepared, plan: DataPlan) -> dict:
+def key_components(recipe: Recipe, prepared: Prepared, plan: DataPlan, extractor: torch.fx.GraphModule) -> dict:
     """Everything that determines the cached features, one hash or value each."""
     split = prepared.split
-    extractor = prepared.extractor()
     frozen_names = set(split.frozen_state_names(prepared.model))
     frozen_state = {k: v for k, v in prepared.model.state_dict().items() if k in frozen_names}
     modules = "\n".join(f"{n}: {prepared.model.get_submodule(n)!r}" for n in split.frozen_module_names())
@@ -120,7 +120,8 @@ def featurize(
     force: bool = False,
 ) -> FeatureCache:
     """Return the cache for this recipe, building it when missing."""
-    components = key_components(recipe, prepared, plan)
+    extractor = prepared.extractor()
+    components = key_components(recipe, prepared, plan, extractor)
     key = cache_key(components)
     final = cache_dir_for(recipe, key)
     existing = open_cache(final)
@@ -132,7 +133,7 @@ def featurize(
     tmp = final.with_name(f"{key}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    extractor = prepared.extractor().to(device).eval()
+    extractor = extractor.to(device).eval()
     channels_last = device.type != "mps"
     if channels_last:
         extractor = extractor.to(memory_format=torch.channels_last)

@@ -119,9 +119,6 @@ class Split:
     def frontier_names(self) -> list[str]:
         return [self.graph.names[n] for n in self.frontier]
 
-    def is_frozen(self, node: fx.Node) -> bool:
-        return node in self.frozen
-
     def frozen_module_names(self) -> list[str]:
         """Modules called only by frozen nodes: they run in eval mode and get no updates."""
         used_by_trainable = set()
@@ -134,8 +131,7 @@ class Split:
             else:
                 used_by_trainable.add(node.target)
         # A module called in both parts (weight sharing) stays trainable.
-        names = [t for t in dict.fromkeys(frozen_targets) if t not in used_by_trainable]
-        return names
+        return [t for t in dict.fromkeys(frozen_targets) if t not in used_by_trainable]
 
     def frozen_attr_names(self) -> list[str]:
         """Parameters fetched directly (get_attr) and used only by frozen nodes."""
@@ -156,7 +152,7 @@ def split_at(graph: ModelGraph, boundary: list[fx.Node]) -> Split:
     """Freeze the boundary nodes and all their input-dependent ancestors."""
     dependent = _input_dependent(graph.module.graph)
     frozen: set[fx.Node] = set()
-    stack = [n for n in boundary]
+    stack = list(boundary)
     while stack:
         node = stack.pop()
         if node in frozen or node not in dependent:

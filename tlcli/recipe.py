@@ -203,10 +203,9 @@ class Recipe(Strict):
 class RecipeSource:
     """The recipe file and its YAML node tree, to turn a dotted path into a line."""
 
-    def __init__(self, name: str, root: Optional[yaml.Node], text: str = ""):
+    def __init__(self, name: str, root: Optional[yaml.Node]):
         self.name = name
         self.root = root
-        self.text = text
 
     def line_of(self, loc: tuple) -> Optional[int]:
         node = self.root
@@ -252,7 +251,7 @@ def parse_recipe(text: str, name: str = "recipe.yaml") -> Recipe:
         raise RecipeError([Problem(name, line, "", f"YAML syntax error: {err.problem or err}")]) from None
     except yaml.YAMLError as err:
         raise RecipeError([Problem(name, None, "", f"YAML error: {err}")]) from None
-    source = RecipeSource(name, root, text)
+    source = RecipeSource(name, root)
     if not isinstance(data, dict):
         raise RecipeError([Problem(name, 1, "", "a recipe is a YAML mapping with base, data, output_dir, ...")])
     try:

@@ -95,6 +95,8 @@ def cached_batches(
 def run_epoch(model, batches, device, optimizer=None, scheduler=None, ft: FineTuneSpec | None = None) -> dict:
     training = optimizer is not None
     smoothing = ft.label_smoothing if ft and training else 0.0
+    clip = ft.grad_clip if ft and training else None
+    clipped = [p for g in optimizer.param_groups for p in g["params"]] if clip else []
     model.train(training)
     total_loss, correct, seen = 0.0, 0, 0
     with torch.set_grad_enabled(training):
@@ -106,8 +108,8 @@ def run_epoch(model, batches, device, optimizer=None, scheduler=None, ft: FineTu
             if training:
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                if ft and ft.grad_clip:
-                    torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], ft.grad_clip)
+                if clip:
+                    torch.nn.utils.clip_grad_norm_(clipped, clip)
                 optimizer.step()
                 if scheduler is not None:
                     scheduler.step()
