@@ -23,7 +23,7 @@ from conftest import make_imagefolder, tiny_recipe, write_recipe
 def key_of(recipe_dict) -> str:
     recipe = Recipe.model_validate(recipe_dict)
     plan = plan_data(recipe)
-    prepared = prepare(recipe, len(plan.class_names))
+    prepared = prepare(recipe, plan.class_names)
     return cache_key(key_components(recipe, prepared, plan, prepared.extractor()))
 
 
@@ -89,7 +89,7 @@ def test_second_featurize_hits_and_fit_reuses(tmp_path, cli):
 def test_cache_layout_and_manifest(tmp_path):
     recipe = Recipe.model_validate(tiny_recipe(tmp_path, cache={"shard_size": 40}))
     plan = plan_data(recipe)
-    prepared = prepare(recipe, len(plan.class_names))
+    prepared = prepare(recipe, plan.class_names)
     cache = featurize(recipe, prepared, plan, torch.device("cpu"))
     m = json.loads((cache.path / "manifest.json").read_text())
     assert [f["name"] for f in m["frontier"]] == ["stem.2", "block.1"]
@@ -124,7 +124,7 @@ def test_killed_featurize_leaves_no_accepted_cache_and_is_rebuilt(tmp_path):
 
     r = Recipe.model_validate(recipe)
     plan = plan_data(r)
-    prepared = prepare(r, len(plan.class_names))
+    prepared = prepare(r, plan.class_names)
     cache = featurize(r, prepared, plan, torch.device("cpu"))
     assert cache.key == key and open_cache(cache_root / key) is not None
     assert not list(cache_root.glob("*.tmp-*")), "the dead run's partial directory is cleaned up"

@@ -19,7 +19,7 @@ from conftest import tiny_recipe, write_recipe
 
 def _initial_state(recipe: Recipe):
     plan = plan_data(recipe)
-    prepared = prepare(recipe, len(plan.class_names))
+    prepared = prepare(recipe, plan.class_names)
     frozen = set(prepared.split.frozen_state_names(prepared.model))
     return {k: v.clone() for k, v in prepared.model.state_dict().items()}, frozen
 
@@ -103,7 +103,7 @@ def test_head_on_cached_features_equals_full_model_on_raw_images(tmp_path):
     assert len(frozen) == 294 and all(torch.equal(state[k], reference[k]) for k in frozen)
 
     plan = plan_data(recipe)
-    prepared = prepare(recipe, len(plan.class_names))
+    prepared = prepare(recipe, plan.class_names)
     prepared.model.load_state_dict(state)
     cache = featurize(recipe, prepared, plan, torch.device("cpu"))
     head = prepared.trainable().eval()

@@ -17,8 +17,7 @@ from safetensors.torch import load_file, save_file
 from tlcli import __version__
 from tlcli.errors import RunError
 from tlcli.graph import TransferModel
-from tlcli.recipe import BaseSpec, WeightsSpec
-from tlcli.zoo import Preprocess, build_base, replace_head
+from tlcli.zoo import Preprocess
 
 CHECKPOINT = "checkpoint.json"
 WEIGHTS = "model.safetensors"
@@ -56,17 +55,16 @@ def save_checkpoint(run_dir: Path, transfer: TransferModel, meta: dict) -> None:
 
 
 def load_checkpoint(run_dir: Path) -> Checkpoint:
-    path = run_dir / CHECKPOINT
-    if not path.is_file():
-        raise RunError(f"{run_dir}: no finished run here ({CHECKPOINT} is missing); run `tl fit` first")
-    meta = json.loads(path.read_text())
-    # The architecture is rebuilt without its original weights (which may have
-    # been a download or a file since moved); every tensor comes from the checkpoint.
-    base = build_base(BaseSpec(zoo=meta["zoo"], model=meta["model"], weights=WeightsSpec(name="none")))
-    replace_head(base.model, meta["head_layer"], len(meta["class_names"]), "xavier", 0)
+    from tlcli.surgery import prepare, read_run
+
+    recipe, meta = read_run(run_dir)
+    # The architecture is rebuilt from the run's own recipe (surgery included)
+    # without its original weights, which may have been a download or a file
+    # since moved; every tensor comes from the checkpoint.
+    prepared = prepare(recipe, meta["class_names"], weights=False)
     state = load_file(str(run_dir / WEIGHTS))
-    base.model.load_state_dict(state, strict=True)
-    model = TransferModel(base.model, meta["frozen_modules"], meta.get("frozen_attrs", []))
+    prepared.model.load_state_dict(state, strict=True)
+    model = TransferModel(prepared.model, meta["frozen_modules"], meta.get("frozen_attrs", []))
     model.eval()
     return Checkpoint(meta, model)
 

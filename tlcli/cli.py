@@ -55,23 +55,26 @@ def _reporter():
 
 @app.command()
 def validate(recipe: RecipeArg) -> None:
-    """Check a recipe's schema (no model is built)."""
-    from tlcli.recipe import load_recipe
-
+    """Check a recipe: its schema, then every layer name against the model's graph."""
     try:
-        load_recipe(recipe)
+        from tlcli.inspect import validate_recipe
+
+        validate_recipe(recipe)
     except TLError as err:
         _fail(err)
     typer.echo(f"{recipe}: ok")
 
 
 @app.command()
-def inspect(recipe: RecipeArg) -> None:
-    """List the model's nodes in order: frozen or trainable, parameters, the frontier."""
+def inspect(
+    recipe: RecipeArg,
+    stage: Annotated[Optional[int], typer.Option(help="Show this stage's freeze (1-based; default the first).")] = None,
+) -> None:
+    """The model after surgery, node by node: op, output shape, parameters, frozen or trainable, the frontier."""
     try:
         from tlcli.inspect import inspect_recipe
 
-        rows, summary = inspect_recipe(recipe)
+        rows, summary = inspect_recipe(recipe, stage)
     except TLError as err:
         _fail(err)
     from rich.console import Console
@@ -84,6 +87,8 @@ def inspect(recipe: RecipeArg) -> None:
         state = "[blue]frozen[/]" if r["frozen"] else "[green]trainable[/]"
         if r["frontier"]:
             state += " [bold yellow]◀ frontier[/]"
+        if r["added"]:
+            state += " [magenta]new[/]"
         table.add_row(str(r["index"]), r["name"], r["op"], r["shape"], f"{r['params']:,}", state)
     # Node names are what users copy into recipes: never truncate them, even in CI logs.
     console = Console(width=None if sys.stdout.isatty() else 140)
@@ -101,37 +106,41 @@ def featurize(
 ) -> None:
     """Run the frozen part once per split and cache its activations on disk."""
     try:
-        from tlcli.data import plan_data
-        from tlcli.features import featurize as run_featurize
+        from tlcli.features import featurize_recipe
         from tlcli.recipe import load_recipe
-        from tlcli.surgery import prepare
-        from tlcli.zoo import resolve_device
 
-        r = load_recipe(recipe)
-        plan = plan_data(r)
-        prepared = prepare(r, len(plan.class_names))
-        cache = run_featurize(r, prepared, plan, resolve_device(r.device), _reporter(), force=force)
+        caches = featurize_recipe(load_recipe(recipe), _reporter(), force=force)
     except TLError as err:
         _fail(err)
-    counts = ", ".join(f"{s} {cache.count(s)}" for s in cache.manifest["splits"])
-    typer.echo(f"cache {cache.key}: {counts} -> {cache.path}")
+    if not caches:
+        typer.echo("no stage trains from the feature cache (every stage trains on images); nothing to do")
+    for cache in caches:
+        counts = ", ".join(f"{s} {cache.count(s)}" for s in cache.manifest["splits"])
+        typer.echo(f"cache {cache.key}: {counts} -> {cache.path}")
 
 
 @app.command()
 def fit(
     recipe: RecipeArg,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite a finished run in output_dir.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Start over, overwriting a finished or interrupted run.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its last epoch.")] = False,
 ) -> None:
-    """Train the trainable part (on the feature cache, featurizing first if needed)."""
+    """Train the recipe's stages: on the feature cache (featurizing first if needed) or on raw images."""
+    if force and resume:
+        typer.echo("error: --force starts over and --resume continues; give one", err=True)
+        raise typer.Exit(code=2)
     try:
         from tlcli.recipe import load_recipe
         from tlcli.train import fit as run_fit
 
-        result = run_fit(load_recipe(recipe), _reporter(), force=force)
+        result = run_fit(load_recipe(recipe), _reporter(), force=force, resume=resume)
     except TLError as err:
         _fail(err)
     final = result.final
     val = f", val_acc {final['val_acc']:.4f}" if "val_acc" in final else ""
+    for s in result.stages if len(result.stages) > 1 else []:
+        best = f", best epoch {s['best_epoch']}" if s["best_epoch"] else ""
+        typer.echo(f"  {s['name']}: {s['epochs_run']} epochs on {s['input']}, {s['trainable_params']:,} trainable parameters{best}")
     typer.echo(
         f"fit {result.epochs} epochs in {result.seconds:.1f}s: train_loss {final['train_loss']:.4f}{val} -> {result.run_dir}"
     )

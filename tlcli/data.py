@@ -94,6 +94,22 @@ def plan_data(recipe: Recipe) -> DataPlan:
     return plan_imagefolder(recipe, root)
 
 
+FLOWER_CLASSES = ["daisy", "dandelion", "roses", "sunflowers", "tulips"]
+
+
+def class_names_for(recipe: Recipe) -> list[str]:
+    """The class names, without downloading or hashing anything (for validate
+    and inspect, which only need the head's width)."""
+    spec = recipe.data
+    if spec.classes:
+        return list(spec.classes)
+    if spec.dataset == "digits":
+        return [str(i) for i in range(10)]
+    if spec.dataset == "flowers":
+        return FLOWER_CLASSES
+    return plan_data(recipe).class_names
+
+
 def plan_imagefolder(recipe: Recipe, root: Path) -> DataPlan:
     loc = ("data", "imagefolder") if recipe.data.imagefolder else ("data", "dataset")
     if not root.is_dir():
@@ -191,50 +207,84 @@ def _split(recipe: Recipe, pairs, with_test: bool = True) -> dict[str, list[tupl
 # --------------------------------------------------------------------------- reading images
 
 
-def read_image(source: Source) -> torch.Tensor:
-    """One image as float32 RGB, CHW, in [0, 1]."""
+def read_image(source: Source, channels: int = 3) -> torch.Tensor:
+    """One image as float32 RGB (or grey, channels=1), CHW, in [0, 1]."""
     if isinstance(source, int):
         images, _ = _digits()
         # Digits store ink intensity 0..16; as a photo that is dark ink on white.
         grey = 1.0 - torch.from_numpy(images[source]) / 16.0
-        return grey.unsqueeze(0).expand(3, -1, -1).contiguous()
+        return grey.unsqueeze(0).expand(channels, -1, -1).contiguous()
     try:
         from PIL import Image
 
         with Image.open(source) as im:
-            im = im.convert("RGB")
+            im = im.convert("RGB" if channels == 3 else "L")
             arr = np.asarray(im, dtype=np.uint8)
     except Exception as err:  # PIL raises many types for bad files; all mean "unreadable"
         raise DataError(f"{source}: cannot read image: {err}") from None
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+    t = torch.from_numpy(arr.copy())
+    t = t.permute(2, 0, 1) if t.ndim == 3 else t.unsqueeze(0)
+    return t.float().div_(255.0)
 
 
-def apply_preprocess(image: torch.Tensor, pp: Preprocess) -> torch.Tensor:
+def apply_preprocess(image: torch.Tensor, pp: Preprocess, normalize: bool = True) -> torch.Tensor:
     interp = InterpolationMode(pp.interpolation)
     if pp.mode == "squash":
         image = TF.resize(image, [pp.size, pp.size], interpolation=interp, antialias=True)
     else:
         image = TF.resize(image, [pp.resize], interpolation=interp, antialias=True)
         image = TF.center_crop(image, [pp.size, pp.size])
-    return TF.normalize(image, list(pp.mean), list(pp.std))
+    return TF.normalize(image, list(pp.mean), list(pp.std)) if normalize else image
+
+
+def augmentation(spec, pp: Preprocess):
+    """The recipe's augmentation as a transforms.v2 pipeline on a [0, 1] image
+    already at the model's input size (before normalisation)."""
+    from torchvision.transforms import v2
+
+    steps = []
+    if spec.random_resized_crop is not None:
+        c = spec.random_resized_crop
+        steps.append(v2.RandomResizedCrop(
+            [pp.size, pp.size], scale=tuple(c.scale), ratio=tuple(c.ratio),
+            interpolation=InterpolationMode(pp.interpolation), antialias=True,
+        ))
+    if spec.hflip > 0:
+        steps.append(v2.RandomHorizontalFlip(spec.hflip))
+    if spec.color_jitter is not None:
+        j = spec.color_jitter
+        steps.append(v2.ColorJitter(brightness=j.brightness, contrast=j.contrast, saturation=j.saturation, hue=j.hue))
+    return v2.Compose(steps)
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    def __init__(self, pairs: list[tuple[Source, int]], pp: Preprocess):
+    def __init__(self, pairs: list[tuple[Source, int]], pp: Preprocess, augment=None):
         self.pairs = pairs
         self.pp = pp
+        self.augment = augment
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def __getitem__(self, i: int):
         source, label = self.pairs[i]
-        return apply_preprocess(read_image(source), self.pp), label
+        image = read_image(source, self.pp.channels)
+        if self.augment is None:
+            return apply_preprocess(image, self.pp), label
+        image = apply_preprocess(image, self.pp, normalize=False)
+        image = self.augment(image).clamp_(0.0, 1.0)
+        return TF.normalize(image, list(self.pp.mean), list(self.pp.std)), label
 
 
-def loader(pairs, pp: Preprocess, batch_size: int, num_workers: int) -> torch.utils.data.DataLoader:
+def loader(
+    pairs, pp: Preprocess, batch_size: int, num_workers: int,
+    augment=None, generator: Optional[torch.Generator] = None,
+) -> torch.utils.data.DataLoader:
+    """Batches of preprocessed images; shuffled (and augmented) when a
+    generator is given, which makes the order reproducible."""
     return torch.utils.data.DataLoader(
-        ImageDataset(pairs, pp), batch_size=batch_size, shuffle=False, num_workers=num_workers
+        ImageDataset(pairs, pp, augment), batch_size=batch_size, shuffle=generator is not None,
+        num_workers=num_workers, generator=generator,
     )
 
 

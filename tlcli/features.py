@@ -49,7 +49,7 @@ def key_components(recipe: Recipe, prepared: Prepared, plan: DataPlan, extractor
     modules = "\n".join(f"{n}: {prepared.model.get_submodule(n)!r}" for n in split.frozen_module_names())
     return {
         "format": CACHE_FORMAT,
-        "model": f"{recipe.base.zoo}:{recipe.base.model}",
+        "model": recipe.base.describe(),
         "frontier": split.frontier_names,
         # The frozen graph's code and module configs pin the architecture up to the cut.
         "architecture": hashlib.blake2b((extractor.code + modules).encode(), digest_size=16).hexdigest(),
@@ -221,3 +221,19 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def featurize_recipe(recipe: Recipe, reporter: Reporter = Reporter(), force: bool = False) -> list[FeatureCache]:
+    """`tl featurize`: build the cache of every stage that trains from one."""
+    from tlcli.data import plan_data
+    from tlcli.surgery import prepare
+    from tlcli.zoo import resolve_device
+
+    plan = plan_data(recipe)
+    prepared = prepare(recipe, plan.class_names)
+    device = resolve_device(recipe.device)
+    caches = []
+    for stage in recipe.stage_plan():
+        if stage.input == "cache":
+            caches.append(featurize(recipe, prepared.for_freeze(recipe, stage.freeze), plan, device, reporter, force=force))
+    return caches

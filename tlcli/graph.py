@@ -41,6 +41,20 @@ class ModelGraph:
     def __post_init__(self):
         self.by_name = {name: node for node, name in self.names.items()}
 
+    def refresh(self) -> None:
+        """After an edit: forget erased nodes, regenerate the module's code."""
+        live = list(self.module.graph.nodes)
+        self.names = {n: self.names.get(n, n.name) for n in live if n.op != "output"}
+        self.by_name = {name: node for node, name in self.names.items()}
+        self.module.graph.lint()
+        self.module.recompile()
+
+    def nodes_of(self, name: str) -> list[fx.Node]:
+        """The node with this exact name, or every node inside module `name`."""
+        if name in self.by_name:
+            return [self.by_name[name]]
+        return [node for node, n in self.names.items() if n.startswith(name + ".")]
+
     @classmethod
     def trace(cls, model: nn.Module, zoo: str) -> "ModelGraph":
         # Trace in eval mode: dropout and BN branches differ between modes, and
@@ -109,11 +123,18 @@ def _input_dependent(graph: fx.Graph) -> set[fx.Node]:
 
 @dataclass
 class Split:
-    """The frozen/trainable partition of a traced model."""
+    """The frozen/trainable partition of a traced model.
+
+    `frozen` is the part that runs once and is cached (closed under
+    ancestors). `pinned` nodes are frozen too (eval mode, no updates) but lie
+    downstream of a layer that `freeze.trainable` keeps trainable, so they are
+    computed in the trainable part.
+    """
 
     graph: ModelGraph
     frozen: set[fx.Node]
     frontier: list[fx.Node]  # in execution order
+    pinned: set[fx.Node] = field(default_factory=set)
 
     @property
     def frontier_names(self) -> list[str]:
@@ -126,7 +147,7 @@ class Split:
         for node in self.graph.module.graph.nodes:
             if node.op != "call_module":
                 continue
-            if node in self.frozen:
+            if node in self.frozen or node in self.pinned:
                 frozen_targets.append(node.target)
             else:
                 used_by_trainable.add(node.target)
@@ -138,7 +159,7 @@ class Split:
         users: dict[str, set[bool]] = {}
         for node in self.graph.module.graph.nodes:
             if node.op == "get_attr":
-                users.setdefault(node.target, set()).update(u in self.frozen for u in node.users)
+                users.setdefault(node.target, set()).update(u in self.frozen or u in self.pinned for u in node.users)
         return [t for t, seen in users.items() if seen == {True}]
 
     def frozen_state_names(self, model: nn.Module) -> list[str]:
@@ -148,8 +169,9 @@ class Split:
         return [k for k in model.state_dict() if k.startswith(prefixes) or k in attrs]
 
 
-def split_at(graph: ModelGraph, boundary: list[fx.Node]) -> Split:
-    """Freeze the boundary nodes and all their input-dependent ancestors."""
+def split_at(graph: ModelGraph, boundary: list[fx.Node], trainable: list[fx.Node] = ()) -> Split:
+    """Freeze the boundary nodes and all their input-dependent ancestors,
+    except the `trainable` nodes; the cached part stops above those."""
     dependent = _input_dependent(graph.module.graph)
     frozen: set[fx.Node] = set()
     stack = list(boundary)
@@ -159,7 +181,21 @@ def split_at(graph: ModelGraph, boundary: list[fx.Node]) -> Split:
             continue
         frozen.add(node)
         stack.extend(node.all_input_nodes)
-    if not boundary:
+    pinned: set[fx.Node] = set()
+    if trainable:
+        # Everything downstream of a trainable layer must be computed in the
+        # trainable part; the frozen modules among them stay frozen ("pinned").
+        downstream, stack = set(), list(trainable)
+        while stack:
+            node = stack.pop()
+            if node not in downstream:
+                downstream.add(node)
+                stack.extend(node.users)
+        pinned = (frozen & downstream) - set(trainable)
+        frozen = frozen - downstream
+        if not frozen:
+            boundary = []
+    if not boundary or not frozen:
         # Nothing frozen: the frontier is the input itself (end-to-end training).
         frozen = {n for n in graph.module.graph.nodes if n.op == "placeholder"}
     frontier = [
@@ -173,7 +209,7 @@ def split_at(graph: ModelGraph, boundary: list[fx.Node]) -> Split:
             for value in n.all_input_nodes:
                 if value in frozen and value not in frontier:
                     frontier.append(value)
-    return Split(graph, frozen, frontier)
+    return Split(graph, frozen, frontier, pinned)
 
 
 def frozen_extractor(split: Split) -> fx.GraphModule:

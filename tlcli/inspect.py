@@ -1,5 +1,6 @@
-"""Inspect: the model's nodes in execution order, after the recipe's surgery,
-with output shapes from a one-image dry run, so a user can choose a boundary."""
+"""Inspect and validate: the model's nodes in execution order, after the
+recipe's surgery, with output shapes from a one-image dry run, so a user can
+choose a boundary; and the check that every name in a recipe exists."""
 
 from __future__ import annotations
 
@@ -8,19 +9,30 @@ from pathlib import Path
 import torch
 from torch.fx.passes.shape_prop import ShapeProp
 
-from tlcli.data import plan_data
+from tlcli.data import class_names_for
+from tlcli.errors import TLError
 from tlcli.recipe import load_recipe
 from tlcli.surgery import prepare
 
 
-def inspect_recipe(path: Path) -> tuple[list[dict], dict]:
+def validate_recipe(path: Path) -> None:
+    """Schema, then every name in every operation and stage against the model's
+    graph. The architecture is built without pretrained weights or data."""
     recipe = load_recipe(path)
-    plan = plan_data(recipe)
-    prepared = prepare(recipe, len(plan.class_names))
+    prepare(recipe, class_names_for(recipe), weights=False)
+
+
+def inspect_recipe(path: Path, stage: int | None = None) -> tuple[list[dict], dict]:
+    recipe = load_recipe(path)
+    stages = recipe.stage_plan()
+    if stage is not None and not 1 <= stage <= len(stages):
+        raise TLError(f"{path}: --stage {stage}: the recipe has {len(stages)} stage(s)")
+    chosen = stages[(stage or 1) - 1]
+    prepared = prepare(recipe, class_names_for(recipe), chosen, weights=False)
     graph, split = prepared.graph, prepared.split
-    size = prepared.preprocess.size
+    pp = prepared.preprocess
     with torch.no_grad():
-        ShapeProp(graph.module.eval()).propagate(torch.zeros(1, 3, size, size))
+        ShapeProp(graph.module.eval()).propagate(torch.zeros(1, pp.channels, pp.size, pp.size))
     frontier = set(split.frontier)
     rows = []
     for i, (node, name) in enumerate(graph.names.items()):
@@ -34,13 +46,15 @@ def inspect_recipe(path: Path) -> tuple[list[dict], dict]:
             "op": type(graph.module_of(node)).__name__ if node.op == "call_module" else getattr(node.target, "__name__", str(node.target)),
             "shape": shape,
             "params": graph.param_count(node),
-            "frozen": node in split.frozen,
+            "frozen": node in split.frozen or node in split.pinned,
+            "added": graph.module_of(node) is not None and node.target in prepared.added,
             "frontier": node in frontier,
         })
     frozen_names = set(split.frozen_state_names(prepared.model))
     params = dict(prepared.model.named_parameters())
     summary = {
-        "title": f"{recipe.base.zoo}:{recipe.base.model}  head {prepared.head_layer} -> {prepared.num_classes} classes",
+        "title": f"{recipe.base.describe()}  head {prepared.head_layer} -> {prepared.num_classes} classes"
+        + (f"  [{chosen.name}: {chosen.input}]" if len(stages) > 1 else ""),
         "frozen_params": sum(p.numel() for n, p in params.items() if n in frozen_names),
         "trainable_params": sum(p.numel() for n, p in params.items() if n not in frozen_names),
         "frontier": split.frontier_names,

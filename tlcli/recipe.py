@@ -10,12 +10,22 @@ from __future__ import annotations
 
 import re
 import types
+from dataclasses import dataclass
 import typing
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from tlcli.errors import Problem, RecipeError, TLError, did_you_mean
 
@@ -66,12 +76,39 @@ class WeightsSpec(Strict):
 
 
 class BaseSpec(Strict):
-    zoo: Literal["timm", "torchvision", "tl"]
-    model: str = Field(min_length=1)
-    weights: WeightsSpec
+    """A zoo model with its weights, or a saved tl run (`checkpoint: RUN_DIR`)
+    whose trained model, frozen state included, is the starting point."""
+
+    zoo: Optional[Literal["timm", "torchvision", "tl"]] = None
+    model: Optional[str] = Field(default=None, min_length=1)
+    weights: Optional[WeightsSpec] = None
+    checkpoint: Optional[str] = Field(default=None, min_length=1)
     # Only the spatial size can be overridden (smoke runs on small images); mean,
     # std and interpolation always come from the model's own config.
     input_size: Optional[int] = Field(default=None, ge=8, le=1024)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "BaseSpec":
+        if self.checkpoint is not None:
+            given = [k for k in ("zoo", "model", "weights", "input_size") if getattr(self, k) is not None]
+            if given:
+                raise ValueError(f"checkpoint: RUN_DIR brings its own model; drop {', '.join(given)}")
+            return self
+        return self  # missing zoo/model/weights are reported per key in _check_semantics
+
+    def describe(self) -> str:
+        if self.checkpoint is not None:
+            return f"checkpoint:{self.checkpoint}"
+        return f"{self.zoo}:{self.model}"
+
+
+class InputSpec(Strict):
+    """DL4J's input preprocessors: the model takes images with this many channels
+    at this size; grey is repeated to RGB, and the image resized to the model's
+    input size and normalised inside the model."""
+
+    channels: Literal[1, 3] = 3
+    size: int = Field(ge=4, le=1024)
 
 
 class SplitSpec(Strict):
@@ -118,9 +155,23 @@ class DataSpec(Strict):
 
 
 class FreezeSpec(Strict):
-    """DL4J's setFeatureExtractor: the named node(s) and everything upstream are frozen."""
+    """What is frozen.
+
+    `until`: DL4J's setFeatureExtractor, the named node(s) and everything
+    upstream. `all_but_last: N`: everything upstream of the last N weight
+    layers (the Keras idiom). `trainable`: layers that train even though they
+    lie in the frozen part; the cache then stops above the first of them.
+    """
 
     until: Optional[Union[str, list[str]]] = None
+    all_but_last: Optional[int] = Field(default=None, ge=0)
+    trainable: list[str] = []
+
+    @model_validator(mode="after")
+    def _one_boundary(self) -> "FreezeSpec":
+        if self.until is not None and self.all_but_last is not None:
+            raise ValueError("give either until or all_but_last, not both")
+        return self
 
     @property
     def nodes(self) -> list[str]:
@@ -128,12 +179,118 @@ class FreezeSpec(Strict):
             return []
         return [self.until] if isinstance(self.until, str) else list(self.until)
 
+    @property
+    def loc(self) -> tuple:
+        """Where in the freeze section a boundary problem points."""
+        return ("all_but_last",) if self.all_but_last is not None else ("until",)
+
+
+InitName = Literal["xavier", "kaiming", "normal"]
+Activation = Literal["relu", "gelu", "silu", "tanh", "sigmoid", "softmax", "leaky_relu", "elu", "identity"]
+
+
+class NOutReplace(Strict):
+    """DL4J's nOutReplace: new width for a layer; the next weight layer follows."""
+
+    layer: str = Field(min_length=1)
+    n_out: int = Field(ge=1)
+    init: InitName = "xavier"
+    init_next: InitName = "xavier"
+
+
+class RemoveSpec(Strict):
+    """DL4J's removeVertexKeepConnections (true) / removeVertexAndConnections (false).
+
+    keep_connections: true wires the layer's input straight to its consumers;
+    false removes the layer and everything downstream that depended on it.
+    """
+
+    layer: str = Field(min_length=1)
+    keep_connections: bool = False
+
+
+class AddSpec(Strict):
+    """DL4J's addLayer / addVertex: a new node fed by existing ones."""
+
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    type: Literal["linear", "conv1x1", "batchnorm", "dropout", "activation", "pooling", "flatten", "concat", "add"]
+    inputs: list[str] = Field(min_length=1)
+    # linear / conv1x1: output width; for linear it defaults to the number of classes.
+    n_out: Optional[int] = Field(default=None, ge=1)
+    bias: bool = True
+    init: InitName = "xavier"
+    # linear / conv1x1: an activation applied right after, as a node named NAME_act.
+    activation: Optional[Activation] = None
+    fn: Optional[Activation] = None  # type: activation
+    p: Optional[float] = Field(default=None, ge=0, lt=1)  # type: dropout
+    pool: Optional[Literal["avg", "max", "adaptive_avg", "adaptive_max"]] = None  # type: pooling
+    kernel: Optional[int] = Field(default=None, ge=1)
+    stride: Optional[int] = Field(default=None, ge=1)
+    output_size: int = Field(default=1, ge=1)  # adaptive pooling
+    lr: Optional[float] = Field(default=None, gt=0)  # this layer's own learning rate
+
+    @model_validator(mode="after")
+    def _fields_for_type(self) -> "AddSpec":
+        t = self.type
+        if t in ("concat", "add") and len(self.inputs) < 2:
+            raise ValueError(f"type {t} merges two or more inputs")
+        if t not in ("concat", "add") and len(self.inputs) != 1:
+            raise ValueError(f"type {t} takes one input, got {len(self.inputs)}")
+        if t == "conv1x1" and self.n_out is None:
+            raise ValueError("type conv1x1 needs n_out")
+        if t == "activation" and self.fn is None:
+            raise ValueError("type activation needs fn (relu, gelu, softmax, ...)")
+        if t == "pooling" and self.pool is None:
+            raise ValueError("type pooling needs pool: avg, max, adaptive_avg or adaptive_max")
+        if t == "pooling" and self.pool in ("avg", "max") and self.kernel is None:
+            raise ValueError(f"pool: {self.pool} needs kernel")
+        if t == "dropout" and self.p is None:
+            raise ValueError("type dropout needs p")
+        if self.activation is not None and t not in ("linear", "conv1x1"):
+            raise ValueError("activation applies to linear and conv1x1; add an activation node instead")
+        return self
+
+
+class Operation(Strict):
+    """One graph edit. Edits apply in the order written, before freezing."""
+
+    n_out_replace: Optional[NOutReplace] = None
+    remove: Optional[RemoveSpec] = None
+    remove_output_layers: Optional[int] = Field(default=None, ge=1)
+    add: Optional[AddSpec] = None
+    outputs: Optional[list[str]] = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "Operation":
+        given = [k for k in type(self).model_fields if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "each operation is one of n_out_replace, remove, remove_output_layers, add, outputs"
+                + (f" (got {', '.join(given)})" if given else "")
+            )
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in type(self).model_fields if getattr(self, k) is not None)
+
 
 class HeadSpec(Strict):
-    """The classifier that is replaced by a new layer sized to the data's classes."""
+    """The classifier that is replaced by a new layer sized to the data's classes.
+
+    `auto` is the model's last Linear. It is kept, not replaced, when the recipe
+    added it itself with the right width, or when a checkpoint base was trained
+    on the same classes (continuing a run). `none` never replaces anything.
+    """
 
     layer: str = "auto"
-    init: Literal["xavier", "kaiming", "normal"] = "xavier"
+    init: InitName = "xavier"
+
+
+class EarlyStopping(Strict):
+    monitor: Literal["val_acc", "val_loss"] = "val_acc"
+    patience: int = Field(default=5, ge=1)
+    min_delta: float = Field(default=0.0, ge=0)
 
 
 class FineTuneSpec(Strict):
@@ -154,6 +311,22 @@ class FineTuneSpec(Strict):
     epochs: int = Field(default=10, ge=1)
     batch_size: int = Field(default=64, ge=1)
     seed: int = 0
+    # Per-layer learning rates by module name (a module covers everything inside it).
+    layer_lr: dict[str, float] = {}
+    # Discriminative lr: each block further from the output trains at lr * layer_decay^depth.
+    layer_decay: Optional[float] = Field(default=None, gt=0, le=1)
+    # Sets p of every trainable Dropout layer.
+    dropout: Optional[float] = Field(default=None, ge=0, lt=1)
+    # Stop when the monitored validation metric stops improving; keep the best epoch's model.
+    early_stopping: Optional[EarlyStopping] = None
+
+    @field_validator("layer_lr")
+    @classmethod
+    def _positive(cls, value: dict[str, float]) -> dict[str, float]:
+        bad = [k for k, v in value.items() if not v > 0]
+        if bad:
+            raise ValueError(f"learning rates must be > 0 ({', '.join(bad)})")
+        return value
 
     @model_validator(mode="after")
     def _nesterov_needs_momentum(self) -> "FineTuneSpec":
@@ -162,6 +335,61 @@ class FineTuneSpec(Strict):
         if self.warmup_epochs >= self.epochs:
             raise ValueError(f"warmup_epochs ({self.warmup_epochs:g}) must be shorter than epochs ({self.epochs})")
         return self
+
+
+class CropSpec(Strict):
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (0.75, 1.3333333333333333)
+
+
+class JitterSpec(Strict):
+    brightness: float = Field(default=0.0, ge=0)
+    contrast: float = Field(default=0.0, ge=0)
+    saturation: float = Field(default=0.0, ge=0)
+    hue: float = Field(default=0.0, ge=0, le=0.5)
+
+
+class AugmentSpec(Strict):
+    """Training-time augmentation (torchvision.transforms.v2), on raw images only."""
+
+    random_resized_crop: Optional[CropSpec] = None
+    hflip: float = Field(default=0.0, ge=0, le=1)  # probability
+    color_jitter: Optional[JitterSpec] = None
+
+
+# A stage overrides any fine_tune field; the rest come from the recipe's fine_tune.
+FineTuneOverride = create_model(
+    "FineTuneOverride",
+    __config__=ConfigDict(extra="forbid", frozen=True),
+    **{name: (Optional[field.annotation], None) for name, field in FineTuneSpec.model_fields.items()},
+)
+
+
+class StageSpec(Strict):
+    """One stage of training. The model carries over from the stage before."""
+
+    name: Optional[str] = None
+    freeze: Optional[FreezeSpec] = None
+    epochs: Optional[int] = Field(default=None, ge=1)
+    fine_tune: Optional[FineTuneOverride] = None  # type: ignore[valid-type]
+    augment: Optional[AugmentSpec] = None
+    # auto: the feature cache when the stage has no augmentation and freezes
+    # what the first stage freezes; raw images otherwise. cache: featurize at
+    # this stage's own boundary. images: always raw images.
+    input: Literal["auto", "cache", "images"] = "auto"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A stage with its settings resolved (recipe defaults + stage overrides)."""
+
+    index: int
+    name: str
+    freeze: FreezeSpec
+    fine_tune: FineTuneSpec
+    augment: Optional[AugmentSpec]
+    input: str  # "cache" or "images"
+    loc: tuple  # where problems with this stage point
 
 
 class CacheSpec(Strict):
@@ -175,9 +403,13 @@ class CacheSpec(Strict):
 class Recipe(Strict):
     base: BaseSpec
     data: DataSpec
+    input: Optional[InputSpec] = None
+    surgery: list[Operation] = []
     freeze: FreezeSpec = FreezeSpec()
     head: HeadSpec = HeadSpec()
     fine_tune: FineTuneSpec = FineTuneSpec()
+    augment: Optional[AugmentSpec] = None
+    stages: list[StageSpec] = []
     cache: CacheSpec = CacheSpec()
     device: str = "auto"
     output_dir: str
@@ -198,6 +430,27 @@ class Recipe(Strict):
     def problem(self, loc: tuple, message: str) -> Problem:
         """A problem found after schema validation (e.g. an unknown layer), at its line."""
         return self.source.problem(loc, message)
+
+    def stage_plan(self) -> list[Stage]:
+        """The stages with defaults filled in. Without `stages:`, one stage made
+        of the recipe's own freeze, fine_tune and augment."""
+        if not self.stages:
+            source = "images" if self.augment is not None else "cache"
+            return [Stage(0, "fit", self.freeze, self.fine_tune, self.augment, source, ())]
+        plan = []
+        for i, spec in enumerate(self.stages):
+            overrides = spec.fine_tune.model_dump(exclude_none=True) if spec.fine_tune is not None else {}
+            if spec.epochs is not None:
+                overrides["epochs"] = spec.epochs
+            # Validated in _check_stages; a recipe that parsed has a valid merge.
+            ft = FineTuneSpec.model_validate({**self.fine_tune.model_dump(), **overrides})
+            freeze = spec.freeze if spec.freeze is not None else (plan[-1].freeze if plan else self.freeze)
+            source = spec.input
+            if source == "auto":
+                moved = bool(plan) and freeze != plan[0].freeze
+                source = "images" if spec.augment is not None or moved else "cache"
+            plan.append(Stage(i, spec.name or f"stage{i + 1}", freeze, ft, spec.augment, source, ("stages", i)))
+        return plan
 
 
 class RecipeSource:
@@ -254,12 +507,47 @@ def parse_recipe(text: str, name: str = "recipe.yaml") -> Recipe:
     source = RecipeSource(name, root)
     if not isinstance(data, dict):
         raise RecipeError([Problem(name, 1, "", "a recipe is a YAML mapping with base, data, output_dir, ...")])
+    base = data.get("base")
+    # zoo, model and weights are required unless base is a checkpoint; pydantic
+    # can't say so per key, so check the raw mapping (alongside its errors).
+    missing = [
+        source.problem(("base", key), "required key is missing (or give checkpoint: RUN_DIR)")
+        for key in ("zoo", "model", "weights")
+        if isinstance(base, dict) and "checkpoint" not in base and key not in base
+    ]
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as err:
-        raise RecipeError(_problems(err, source)) from None
+        problems = _problems(err, source) + missing
+        problems.sort(key=lambda p: (p.line or 0, p.path))
+        raise RecipeError(problems) from None
+    if missing:
+        raise RecipeError(missing)
     recipe._source = source
+    problems = _check_semantics(recipe)
+    if problems:
+        raise RecipeError(problems)
     return recipe
+
+
+def _check_semantics(recipe: Recipe) -> list[Problem]:
+    """Checks that span sections, which the per-section schema cannot see."""
+    problems = []
+    cache_reason = "the cache holds un-augmented activations; train this stage on images (input: images)"
+    if recipe.stages and recipe.augment is not None:
+        problems.append(recipe.problem(("augment",), "with stages, declare augment inside the stage that trains on images"))
+    for i, spec in enumerate(recipe.stages):
+        if spec.augment is not None and spec.input == "cache":
+            problems.append(recipe.problem(("stages", i, "augment"), f"augmentation with input: cache: {cache_reason}"))
+        overrides = spec.fine_tune.model_dump(exclude_none=True) if spec.fine_tune is not None else {}
+        if spec.epochs is not None:
+            overrides["epochs"] = spec.epochs
+        try:
+            FineTuneSpec.model_validate({**recipe.fine_tune.model_dump(), **overrides})
+        except ValidationError as err:
+            for e in err.errors():
+                problems.append(recipe.problem(("stages", i, "fine_tune", *e["loc"]), str(e.get("ctx", {}).get("error", e["msg"]))))
+    return problems
 
 
 def _problems(err: ValidationError, source: RecipeSource) -> list[Problem]:

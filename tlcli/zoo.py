@@ -34,9 +34,10 @@ class Preprocess:
     size: int
     resize: int
     mode: str
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
     interpolation: str
+    channels: int = 3  # 1 when an input preprocessor in the model repeats grey to RGB
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -48,7 +49,9 @@ class Preprocess:
     def with_size(self, size: Optional[int]) -> "Preprocess":
         if size is None or size == self.size:
             return self
-        return Preprocess(size, round(self.resize * size / self.size), self.mode, self.mean, self.std, self.interpolation)
+        return Preprocess(
+            size, round(self.resize * size / self.size), self.mode, self.mean, self.std, self.interpolation, self.channels
+        )
 
 
 @dataclass
