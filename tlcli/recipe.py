@@ -13,7 +13,7 @@ import types
 from dataclasses import dataclass
 import typing
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import (
@@ -315,6 +315,10 @@ class FineTuneSpec(Strict):
     layer_lr: dict[str, float] = {}
     # Discriminative lr: each block further from the output trains at lr * layer_decay^depth.
     layer_decay: Optional[float] = Field(default=None, gt=0, le=1)
+    # false keeps trainable BatchNorm layers on their running statistics (their
+    # scale and shift still train), as Keras advises when unfreezing a pretrained
+    # model: batch statistics of a new data set shift the features the head learnt.
+    train_bn: bool = True
     # Sets p of every trainable Dropout layer.
     dropout: Optional[float] = Field(default=None, ge=0, lt=1)
     # Stop when the monitored validation metric stops improving; keep the best epoch's model.
@@ -361,7 +365,12 @@ class AugmentSpec(Strict):
 FineTuneOverride = create_model(
     "FineTuneOverride",
     __config__=ConfigDict(extra="forbid", frozen=True),
-    **{name: (Optional[field.annotation], None) for name, field in FineTuneSpec.model_fields.items()},
+    # Each field keeps its own constraints (lr > 0, ...), so a bad override is
+    # reported at the stage's line like any other schema error.
+    **{
+        name: (Optional[Annotated[field.annotation, *field.metadata]] if field.metadata else Optional[field.annotation], None)
+        for name, field in FineTuneSpec.model_fields.items()
+    },
 )
 
 

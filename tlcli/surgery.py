@@ -174,8 +174,11 @@ def read_run(run_dir: Path) -> tuple[Recipe, dict]:
     return load_recipe(run_dir / "recipe.yaml"), json.loads(meta_path.read_text())
 
 
-def build(recipe: Recipe, class_names: list[str], weights: bool = True) -> Built:
-    """The base model, traced, with the recipe's surgery and head applied."""
+def build(recipe: Recipe, class_names: list[str], weights: bool = True, collect: Optional[list] = None) -> Built:
+    """The base model, traced, with the recipe's surgery and head applied.
+
+    Problems in the surgery or head raise, or with `collect`, are appended to
+    it so that the caller can add its own before raising them all."""
     if recipe.base.checkpoint is not None:
         run_dir = Path(recipe.base.checkpoint).expanduser()
         try:
@@ -197,8 +200,16 @@ def build(recipe: Recipe, class_names: list[str], weights: bool = True) -> Built
     built = Built(graph, preprocess, None, len(class_names), source_classes)
     if recipe.input is not None:
         _add_input_adapter(built, recipe)
-    Surgeon(recipe, built).run()
-    _apply_head(recipe, built, keep_trained=continuing)
+    problems = Surgeon(recipe, built).run()
+    if not problems:
+        try:
+            _apply_head(recipe, built, keep_trained=continuing)
+        except RecipeError as err:
+            problems = err.problems
+    if problems and collect is None:
+        raise RecipeError(problems)
+    if collect is not None:
+        collect.extend(problems)
     return built
 
 
@@ -208,9 +219,10 @@ def prepare(recipe: Recipe, class_names: list[str], stage: Optional[Stage] = Non
     Every stage's freeze and every per-layer lr is resolved here, so a bad
     name in any stage fails before featurize or fit does any work.
     """
-    built = build(recipe, class_names, weights)
+    problems: list[Problem] = []
+    built = build(recipe, class_names, weights, collect=problems)
     stages = recipe.stage_plan()
-    splits, problems = {}, []
+    splits = {}
     for s in stages:
         try:
             splits[s.index] = resolve_split(recipe, built.graph, s.freeze, _freeze_loc(s))
@@ -319,12 +331,24 @@ class Surgeon:
         self.built = built
         self.graph = built.graph
 
-    def run(self) -> None:
+    def run(self) -> list[Problem]:
+        """Apply every operation; return the problems of those that failed.
+
+        A failed operation is skipped and the rest still run, so one
+        validation reports every bad name (later problems may follow from an
+        earlier one)."""
+        problems: list[Problem] = []
         for i, op in enumerate(self.recipe.surgery):
             self.index = i
             kind = op.kind
-            getattr(self, f"_{kind}")(getattr(op, kind))
-        self._finish()
+            try:
+                getattr(self, f"_{kind}")(getattr(op, kind))
+            except RecipeError as err:
+                problems.extend(err.problems)
+                self.graph.refresh()
+        if not problems:
+            self._finish()
+        return problems
 
     # -- helpers
 

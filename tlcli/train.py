@@ -166,8 +166,9 @@ class StageModel:
     Modes go through the TransferModel, which pins frozen modules to eval.
     """
 
-    def __init__(self, prepared: Prepared, on_images: bool, device: torch.device):
+    def __init__(self, prepared: Prepared, on_images: bool, device: torch.device, train_bn: bool = True):
         self.transfer = prepared.transfer_model().to(device)
+        self.norms = [] if train_bn else [m for m in prepared.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         self.trainable = prepared.trainable()
         self.extractor = prepared.extractor() if on_images else None
         self.channels_last = on_images and device.type != "mps"
@@ -176,6 +177,8 @@ class StageModel:
 
     def train(self, mode: bool) -> None:
         self.transfer.train(mode)
+        for m in self.norms:
+            m.eval()
 
     def __call__(self, inputs: list[torch.Tensor]) -> torch.Tensor:
         if self.extractor is not None:
@@ -383,7 +386,7 @@ def _fit_stage(recipe: Recipe, stage: Stage, base: Prepared, plan: DataPlan, dev
     prepared = base.for_freeze(recipe, stage.freeze)
     on_images = stage.input == "images"
     cache = None if on_images else featurize(recipe, prepared, plan, device, reporter)
-    model = StageModel(prepared, on_images, device)
+    model = StageModel(prepared, on_images, device, ft.train_bn)
     _apply_dropout(prepared.model, model.transfer.frozen_modules, ft.dropout)
     params = [(n, p) for n, p in prepared.model.named_parameters() if p.requires_grad]
     if not params:
@@ -426,7 +429,7 @@ def _fit_stage(recipe: Recipe, stage: Stage, base: Prepared, plan: DataPlan, dev
             seed = epoch_seed(ft.seed, stage.index, epoch)
             torch.manual_seed(seed)  # dropout, augmentation (in-process)
             shuffle = torch.Generator().manual_seed(seed)
-            lr = optimizer.param_groups[0]["lr"]
+            lr = max(g["lr"] for g in optimizer.param_groups)
             if on_images:
                 train_batches = image_batches(loader(plan.splits["train"], prepared.preprocess, ft.batch_size,
                                                      recipe.data.num_workers, augment, shuffle))

@@ -1,0 +1,294 @@
+"""Training depth: stages, end-to-end fit on images with augmentation,
+per-layer and discriminative lr, early stopping, dropout override,
+continue-from-checkpoint, exact resume after SIGKILL, determinism."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from tlcli.checkpoint import load_checkpoint
+from tlcli.data import plan_data
+from tlcli.errors import RecipeError, RunError
+from tlcli.recipe import FineTuneSpec, Recipe, parse_recipe
+from tlcli.surgery import prepare
+from tlcli.train import block_of, fit, param_groups
+
+from conftest import REPO, tiny_recipe, write_recipe
+
+TWO_STAGES = [
+    {"name": "head", "epochs": 2},
+    {"name": "deeper", "freeze": {"until": "stem"}, "epochs": 3,
+     "fine_tune": {"lr": 0.003, "weight_decay": 0.5},
+     "augment": {"random_resized_crop": {"scale": [0.7, 1.0]}, "hflip": 0.5, "color_jitter": {"brightness": 0.2}}},
+]
+
+
+def two_stage(tmp_path, **sections) -> dict:
+    return tiny_recipe(tmp_path, stages=TWO_STAGES, **{"fine_tune": {"weight_decay": 0.5}, **sections})
+
+
+def test_stage_plan_resolves_inputs_and_overrides(tmp_path):
+    stages = Recipe.model_validate(two_stage(tmp_path)).stage_plan()
+    assert [(s.name, s.input, s.fine_tune.epochs, s.fine_tune.lr) for s in stages] == [
+        ("head", "cache", 2, 0.01), ("deeper", "images", 3, 0.003)]
+    assert stages[1].fine_tune.optimizer == "adam"  # inherited from the recipe's fine_tune
+
+
+def test_augmentation_with_cache_input_fails_validation_with_the_reason(tmp_path):
+    stages = [{"name": "head", "input": "cache", "augment": {"hflip": 0.5}}]
+    text = yaml.safe_dump(tiny_recipe(tmp_path, stages=stages), sort_keys=False)
+    with pytest.raises(RecipeError) as err:
+        parse_recipe(text, name="r.yaml")
+    message = str(err.value)
+    assert "stages.0.augment" in message and "the cache holds un-augmented activations" in message
+    assert f"r.yaml:{text.splitlines().index('  augment:') + 1}:" in message
+
+
+def test_stage_fine_tune_override_errors_point_into_the_stage(tmp_path):
+    stages = [{"name": "a", "fine_tune": {"lr": -1, "optimzer": "sgd"}}]
+    with pytest.raises(RecipeError) as err:
+        parse_recipe(yaml.safe_dump(tiny_recipe(tmp_path, stages=stages), sort_keys=False), name="r.yaml")
+    assert "stages.0.fine_tune.lr" in str(err.value) and "did you mean 'optimizer'" in str(err.value)
+
+
+def _states_at_stage_ends(monkeypatch):
+    """Capture the model state each time a stage ends (the resume state saved then)."""
+    import tlcli.train as train
+
+    captured = []
+    real = train.save_resume
+
+    def spy(run_dir, state, model, *args, **kwargs):
+        if state["epoch"] == 0:
+            captured.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return real(run_dir, state, model, *args, **kwargs)
+
+    monkeypatch.setattr(train, "save_resume", spy)
+    return captured
+
+
+def test_every_stage_keeps_its_frozen_part_bit_identical(tmp_path, monkeypatch):
+    recipe = Recipe.model_validate(two_stage(tmp_path))
+    plan = plan_data(recipe)
+    prepared = prepare(recipe, plan.class_names)
+    initial = {k: v.clone() for k, v in prepared.model.state_dict().items()}
+    stages = recipe.stage_plan()
+    frozen = [set(prepared.for_freeze(recipe, s.freeze).split.frozen_state_names(prepared.model)) for s in stages]
+    assert frozen[1] < frozen[0] and "block.1.running_mean" in frozen[0] - frozen[1]
+    ends = _states_at_stage_ends(monkeypatch)
+    result = fit(recipe)
+    final = load_checkpoint(result.run_dir).model.net.state_dict()
+    assert len(ends) == 2
+    for stage, (frozen_names, after) in enumerate(zip(frozen, [ends[0], final])):
+        for k in frozen_names:
+            # weight_decay is 0.5: any decay applied to a frozen tensor would show.
+            assert torch.equal(initial[k], after[k]), f"stage {stage + 1}: frozen {k} changed"
+    # Stage 2 trained what stage 1 had frozen, BN statistics included (BN in train mode there).
+    assert not torch.equal(ends[0]["block.0.weight"], final["block.0.weight"])
+    assert not torch.equal(ends[0]["block.1.running_mean"], final["block.1.running_mean"])
+    rows = [json.loads(l) for l in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["epoch"]) for r in rows] == [("head", 1), ("head", 2), ("deeper", 1), ("deeper", 2), ("deeper", 3)]
+    meta = json.loads((result.run_dir / "checkpoint.json").read_text())
+    assert [s["input"] for s in meta["stages"]] == ["cache", "images"] and meta["frontier"] == ["stem.2"]
+
+
+def test_frozen_part_stays_in_eval_while_training_on_images(tmp_path, monkeypatch):
+    import tlcli.train as train
+
+    seen = []
+    real = train.run_epoch
+
+    def spy(model, batches, device, optimizer=None, *a, **kw):
+        out = real(model, batches, device, optimizer, *a, **kw)
+        if optimizer is not None and model.extractor is not None:
+            net = model.transfer.net
+            seen.append((net.get_submodule("stem.1").training, net.get_submodule("block.1").training))
+        return out
+
+    monkeypatch.setattr(train, "run_epoch", spy)
+    fit(Recipe.model_validate(two_stage(tmp_path)))
+    assert seen == [(False, True)] * 3
+
+
+def test_same_recipe_and_seed_give_identical_metrics_across_stages(tmp_path):
+    a = fit(Recipe.model_validate(two_stage(tmp_path / "a")))
+    b = fit(Recipe.model_validate(two_stage(tmp_path / "b")))
+    assert (a.run_dir / "metrics.jsonl").read_text() == (b.run_dir / "metrics.jsonl").read_text()
+    sa, sb = load_file(str(a.run_dir / "model.safetensors")), load_file(str(b.run_dir / "model.safetensors"))
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def _kill_after(recipe_path, run_dir, stage: int, epoch: int) -> None:
+    """Start `tl fit` as a process and SIGKILL it once it has saved (stage, epoch)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "tlcli", "fit", str(recipe_path)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state_file = run_dir / "resume" / "state.json"
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                s = json.loads(state_file.read_text())
+                if (s["stage"], s["epoch"]) >= (stage, epoch):
+                    break
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.005)
+        assert proc.poll() is None, "the run finished before it could be killed; make it longer"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (run_dir / "checkpoint.json").exists()
+
+
+@pytest.mark.parametrize("stage,epoch", [(0, 2), (1, 2)], ids=["stage1", "stage2"])
+def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path, stage, epoch, cli):
+    stages = [{"name": "head", "epochs": 6},
+              {"name": "deeper", "freeze": {"until": "stem"}, "epochs": 12, "fine_tune": {"lr": 0.003, "schedule": "cosine"},
+               "augment": {"random_resized_crop": {"scale": [0.7, 1.0]}}}]
+    recipe = tiny_recipe(tmp_path, stages=stages, data={"limit": 400})
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    run_dir = tmp_path / "run"
+    _kill_after(path, run_dir, stage, epoch)
+    saved = json.loads((run_dir / "resume" / "state.json").read_text())
+    assert (saved["stage"], saved["epoch"]) >= (stage, epoch)
+
+    code, out = cli("fit", path)
+    assert code == 1 and "interrupted run" in out and "--resume" in out  # no silent restart
+    code, out = cli("fit", path, "--resume")
+    assert code == 0, out
+
+    reference = tiny_recipe(tmp_path / "ref", stages=stages, data={"limit": 400})
+    reference["cache"] = recipe["cache"]
+    ref = fit(Recipe.model_validate(reference))
+    resumed = load_file(str(run_dir / "model.safetensors"))
+    expected = load_file(str(ref.run_dir / "model.safetensors"))
+    assert resumed.keys() == expected.keys()
+    for k in expected:
+        assert torch.equal(resumed[k], expected[k]), k
+    assert (run_dir / "metrics.jsonl").read_text() == (ref.run_dir / "metrics.jsonl").read_text()
+    assert not (run_dir / "resume").exists()
+
+
+def test_resume_refuses_a_changed_recipe_and_a_finished_run(tmp_path, cli):
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, fine_tune={"epochs": 1}))
+    code, out = cli("fit", path, "--resume")
+    assert code == 1 and "no interrupted run" in out
+    assert cli("fit", path)[0] == 0
+    code, out = cli("fit", path, "--resume")
+    assert code == 1 and "finished run" in out
+
+
+def test_early_stopping_keeps_the_best_epoch(tmp_path):
+    ft = {"lr": 0.3, "epochs": 12, "optimizer": "sgd", "early_stopping": {"monitor": "val_loss", "patience": 2}}
+    result = fit(Recipe.model_validate(tiny_recipe(tmp_path, fine_tune=ft)))
+    rows = [json.loads(l) for l in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    best = min(range(len(rows)), key=lambda i: rows[i]["val_loss"])
+    meta = json.loads((result.run_dir / "checkpoint.json").read_text())
+    assert meta["stages"][0]["best_epoch"] == best + 1
+    assert len(rows) == best + 1 + 2 < 12  # stopped after `patience` epochs without improvement
+    # The saved model is the best epoch's: its val loss is the best one.
+    from tlcli.train import cached_batches, run_epoch, StageModel
+    from tlcli.features import featurize
+
+    recipe = Recipe.model_validate(tiny_recipe(tmp_path, fine_tune=ft))
+    ckpt = load_checkpoint(result.run_dir)
+    plan = plan_data(recipe)
+    prepared = prepare(recipe, plan.class_names)
+    prepared.model.load_state_dict(ckpt.model.net.state_dict())
+    cache = featurize(recipe, prepared, plan, torch.device("cpu"))
+    val = run_epoch(StageModel(prepared, False, torch.device("cpu")), cached_batches(cache, "val", 1024, None), "cpu")
+    assert val["loss"] == pytest.approx(rows[best]["val_loss"], abs=1e-6)
+
+
+def test_early_stopping_needs_a_validation_split(tmp_path, cli):
+    r = tiny_recipe(tmp_path, fine_tune={"early_stopping": {"patience": 2}}, data={"split": {"val": 0.0, "test": 0.2}})
+    code, out = cli("fit", write_recipe(tmp_path / "r.yaml", r))
+    assert code == 1 and "fine_tune.early_stopping: early stopping watches the validation split" in out
+
+
+def test_discriminative_and_per_layer_learning_rates():
+    assert [block_of(n) for n in ("blocks.5.2.conv_pw.weight", "layer4.1.bn1.bias", "features.28.weight", "conv_head.weight", "fc.bias")] == [
+        "blocks.5", "layer4.1", "features.28", "conv_head", "fc"]
+    p = lambda *shape: torch.nn.Parameter(torch.zeros(*shape))
+    named = [("blocks.5.0.conv.weight", p(4, 4, 1, 1)), ("blocks.5.0.bn.weight", p(4)), ("blocks.6.0.conv.weight", p(4, 4, 1, 1)),
+             ("conv_head.weight", p(4, 4, 1, 1)), ("classifier.weight", p(2, 4)), ("classifier.bias", p(2))]
+    ft = FineTuneSpec(lr=0.1, layer_decay=0.5, weight_decay=0.01)
+    groups = param_groups(ft, named, {"blocks.6": 0.7})
+    lr_of = {n: g["lr"] for g in groups for n in g["names"]}
+    assert lr_of == pytest.approx({"classifier.weight": 0.1, "classifier.bias": 0.1, "conv_head.weight": 0.05,
+                                   "blocks.6.0.conv.weight": 0.7, "blocks.5.0.conv.weight": 0.0125, "blocks.5.0.bn.weight": 0.0125})
+    wd_of = {n: g["weight_decay"] for g in groups for n in g["names"]}
+    assert wd_of["classifier.bias"] == wd_of["blocks.5.0.bn.weight"] == 0.0 and wd_of["classifier.weight"] == 0.01
+
+
+def test_layer_lr_reaches_the_optimizer(tmp_path):
+    recipe = Recipe.model_validate(tiny_recipe(tmp_path, freeze={"until": "stem"}, fine_tune={"lr": 0.01, "layer_lr": {"fc": 0.5}, "epochs": 1}))
+    result = fit(recipe)
+    rows = [json.loads(l) for l in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["lr"] == 0.5  # the largest group lr is logged
+
+
+def test_dropout_override_touches_only_trainable_dropout(tmp_path, monkeypatch):
+    import tlcli.train as train
+
+    seen = {}
+    real = train._fit_stage
+
+    def spy(recipe, stage, base, *a, **kw):
+        out = real(recipe, stage, base, *a, **kw)
+        seen["p"] = base.model.dropout.p
+        return out
+
+    monkeypatch.setattr(train, "_fit_stage", spy)
+    fit(Recipe.model_validate(tiny_recipe(tmp_path, fine_tune={"dropout": 0.45, "epochs": 1})))
+    assert seen["p"] == 0.45
+    from tlcli.train import _apply_dropout
+    from tlcli.models import TinyResNet
+
+    m = TinyResNet()
+    _apply_dropout(m, ["dropout"], 0.9)
+    assert m.dropout.p == 0.2  # frozen dropout is left alone
+
+
+def test_continue_from_checkpoint_with_a_new_boundary(tmp_path):
+    first = fit(Recipe.model_validate(tiny_recipe(tmp_path / "a", freeze={"until": "pool"}, fine_tune={"epochs": 2})))
+    trained = load_file(str(first.run_dir / "model.safetensors"))
+    r = tiny_recipe(tmp_path / "b", base={"checkpoint": str(first.run_dir)}, freeze={"until": "stem"}, fine_tune={"epochs": 1})
+    r["base"] = {"checkpoint": str(first.run_dir)}
+    recipe = Recipe.model_validate(r)
+    plan = plan_data(recipe)
+    prepared = prepare(recipe, plan.class_names)
+    # The base is the trained run, head included (same classes: continuing).
+    start = prepared.model.state_dict()
+    assert all(torch.equal(start[k], trained[k]) for k in trained)
+    second = fit(recipe)
+    after = load_file(str(second.run_dir / "model.safetensors"))
+    assert all(torch.equal(after[k], trained[k]) for k in trained if k.startswith("stem."))
+    assert not torch.equal(after["block.0.weight"], trained["block.0.weight"])
+    saved = yaml.safe_load((second.run_dir / "recipe.yaml").read_text())
+    assert saved["base"]["checkpoint"] == str(first.run_dir.resolve())
+    assert load_checkpoint(second.run_dir).class_names == [str(i) for i in range(10)]
+
+
+def test_continue_from_a_missing_checkpoint_is_a_recipe_error(tmp_path, cli):
+    r = tiny_recipe(tmp_path)
+    r["base"] = {"checkpoint": str(tmp_path / "nope")}
+    code, out = cli("validate", write_recipe(tmp_path / "r.yaml", r))
+    assert code == 1 and "base.checkpoint" in out and "no finished run" in out
+
+
+def test_shipped_two_stage_recipe_plans_cache_then_images():
+    from tlcli.recipe import load_recipe
+
+    stages = load_recipe(REPO / "recipes" / "digits-two-stage.yaml").stage_plan()
+    assert [s.input for s in stages] == ["cache", "images"]
