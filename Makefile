@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.tl-installed
 # local wheel store, and an unpinned torchvision can pull a mismatched torch.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test bench clean install
+.PHONY: demo test bench keras-blog two-stage clean install
 
 install: $(STAMP)
 
@@ -30,6 +30,13 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/featurize_speed.py
+
+keras-blog: $(STAMP)
+	$(PY) benchmarks/keras_blog.py
+
+two-stage: $(STAMP)
+	$(TL) fit --force recipes/digits-two-stage.yaml
+	$(TL) evaluate recipes/digits-two-stage.yaml
 
 clean:
 	rm -rf runs .tl-cache

@@ -70,3 +70,68 @@ def test_frozen_bn_and_dropout_stay_in_eval_through_train():
         if k in frozen_before:
             assert torch.equal(v, frozen_before[k]), k  # params *and* BN running stats
     assert not torch.equal(model.block[4].running_mean, trainable_bn_before)  # the test can fail
+
+
+# Equivalence over real architectures, through the whole recipe pipeline
+# (prepare = trace + head replacement + split): the frontier tensors fed to the
+# trainable subgraph give the full model's output, and no frozen parameter
+# receives a gradient. Random weights are enough for torchvision models; Lite0
+# uses the embedded ones.
+EQUIVALENCE = {
+    ("torchvision", "resnet18", "none"): ["layer1", "layer2.0.bn1", "layer3.1.relu_1", "avgpool"],
+    ("torchvision", "vgg16", "none"): ["features.16", "features.23", "features.30", "classifier.3"],
+    ("torchvision", "mobilenet_v3_small", "none"): ["features.2", "features.5.block.1", "features.12", "classifier.0"],
+    ("timm", "tf_efficientnet_lite0", "embedded"): ["blocks.2", "blocks.5.1.bn2", "conv_head", "global_pool"],
+}
+# Boundaries inside a residual block: the skip connection crosses the cut.
+MID_BLOCK = {"layer2.0.bn1", "features.5.block.1", "blocks.5.1.bn2"}
+_built: dict = {}
+
+
+def _prepared(zoo, model, weights, tmp_path_factory):
+    from tlcli.recipe import Recipe
+    from tlcli.surgery import prepare
+
+    if (zoo, model) not in _built:
+        tmp = tmp_path_factory.mktemp(model)
+        recipe = Recipe.model_validate({
+            "base": {"zoo": zoo, "model": model, "weights": weights, "input_size": 64},
+            "data": {"dataset": "digits"}, "output_dir": str(tmp / "run"), "fine_tune": {"seed": 0},
+        })
+        _built.clear()  # one big model in memory at a time
+        _built[(zoo, model)] = (recipe, prepare(recipe, [str(i) for i in range(7)]))
+    return _built[(zoo, model)]
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("zoo,model,weights,boundary", [(*k, b) for k, bs in EQUIVALENCE.items() for b in bs],
+                         ids=lambda v: v if isinstance(v, str) and v not in ("none", "embedded", "timm", "torchvision") else "")
+def test_frontier_plus_trainable_equals_full_model_and_frozen_gets_no_gradient(zoo, model, weights, boundary, tmp_path_factory):
+    from tlcli.recipe import FreezeSpec
+
+    recipe, base = _prepared(zoo, model, weights, tmp_path_factory)
+    prepared = base.for_freeze(recipe, FreezeSpec(until=boundary))
+    split = prepared.split
+    assert len(split.frontier) == (2 if boundary in MID_BLOCK else 1), split.frontier_names
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 64, 64)
+    transfer = prepared.transfer_model().eval()
+    extractor, trainable = prepared.extractor(), prepared.trainable()
+    with torch.no_grad():
+        full = transfer(x)
+        via_frontier = trainable(*extractor(x))
+    torch.testing.assert_close(via_frontier, full, atol=1e-4, rtol=0)
+
+    transfer.train()
+    transfer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        frontier = extractor(x)
+    trainable(*frontier).logsumexp(1).sum().backward()
+    frozen = set(split.frozen_state_names(prepared.model))
+    params = dict(prepared.model.named_parameters())
+    assert frozen and all(params[k].grad is None and not params[k].requires_grad for k in frozen if k in params)
+    assert any(p.grad is not None for k, p in params.items() if k not in frozen)
+    # And through the full model in training mode: the frozen part gets no gradient either.
+    transfer.zero_grad(set_to_none=True)
+    transfer(x).logsumexp(1).sum().backward()
+    assert all(params[k].grad is None for k in frozen if k in params)
