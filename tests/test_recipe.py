@@ -24,6 +24,11 @@ def test_every_shipped_recipe_validates(path):
     first = path.read_text().splitlines()[0]
     assert first.startswith("# tl "), "a recipe's first line is the command that runs it"
     assert recipe.output_dir
+    if recipe.base.checkpoint is None:
+        # Every layer name in the recipe exists in the model's graph (no weights, no data read).
+        from tlcli.inspect import validate_recipe
+
+        validate_recipe(path)
 
 
 GOOD = """\

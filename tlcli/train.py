@@ -316,7 +316,8 @@ def fit(recipe: Recipe, reporter: Reporter = Reporter(), force: bool = False, re
 
     if state is None:
         if run_dir.exists():
-            for name in (RESUME, "checkpoint.json", METRICS, TIMINGS):
+            # Starting over: nothing of the old run may be mistaken for this one's.
+            for name in (RESUME, "checkpoint.json", "model.safetensors", METRICS, TIMINGS, "curves.png", "eval"):
                 p = run_dir / name
                 shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
         run_dir.mkdir(parents=True, exist_ok=True)
