@@ -201,3 +201,17 @@ def test_freeze_trainable_overrides_and_pins_the_rest(tmp_path):
     transfer.train()
     sub = transfer.net.get_submodule
     assert sub("block.4").training is False and sub("block.1").training is True
+
+
+def test_input_preprocessor_settings_enter_the_cache_key(tmp_path):
+    from tlcli.data import plan_data
+    from tlcli.features import cache_key, key_components
+
+    def key(**base):
+        r = _recipe(tmp_path, "simple_cnn", input={"channels": 1, "size": 8})
+        r = r.model_copy(update={"base": r.base.model_copy(update=base)})
+        p = prepare(r, CLASSES)
+        return cache_key(key_components(r, p, plan_data(r), p.extractor()))
+
+    # Same data-side preprocessing (grey 8x8); only the size the model resizes to differs.
+    assert key() != key(input_size=32)

@@ -56,6 +56,11 @@ class InputAdapter(nn.Module):
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
 
+    def extra_repr(self) -> str:
+        # The feature cache's key hashes module reprs: every setting must show here.
+        return (f"channels={self.channels}, size={self.size}, mode={self.mode}, "
+                f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}")
+
     def forward(self, x):
         if self.channels == 1:
             x = x.repeat(1, 3, 1, 1)
@@ -387,7 +392,7 @@ class Surgeon:
                 if hasattr(n.meta.get("tensor_meta"), "shape")}
 
     def set_module(self, name: str, module: nn.Module) -> None:
-        self.graph.module.add_submodule(name, module) if "." not in name else _set_nested(self.graph.module, name, module)
+        self.graph.module.add_submodule(name, module)  # replaces an existing module of that name
         self.built.added.add(name)
 
     def output_node(self) -> fx.Node:
@@ -615,11 +620,6 @@ def _fmt(shape) -> str:
     return "×".join(str(d) for d in shape) if shape else "(unknown)"
 
 
-def _set_nested(root: nn.Module, dotted: str, module: nn.Module) -> None:
-    parent_name, _, leaf = dotted.rpartition(".")
-    setattr(root.get_submodule(parent_name), leaf, module)
-
-
 # --------------------------------------------------------------------------- head
 
 
@@ -649,5 +649,5 @@ def _apply_head(recipe: Recipe, built: Built, keep_trained: bool) -> None:
         return
     new = nn.Linear(old.in_features, built.num_classes, bias=old.bias is not None)
     init_layer(new, head.init, torch.Generator().manual_seed(recipe.fine_tune.seed))
-    _set_nested(graph.module, layer, new) if "." in layer else setattr(graph.module, layer, new)
+    graph.module.add_submodule(layer, new)
     built.added.add(layer)

@@ -102,8 +102,10 @@ def param_groups(ft: FineTuneSpec, named_params: list[tuple[str, nn.Parameter]],
     return [{"params": ps, "lr": lr, "weight_decay": wd, "names": names[(lr, wd)]} for (lr, wd), ps in groups.items()]
 
 
-def make_optimizer(ft: FineTuneSpec, named_params: list[tuple[str, nn.Parameter]], layer_lr: dict[str, float] = {}) -> torch.optim.Optimizer:
-    groups = param_groups(ft, named_params, layer_lr)
+def make_optimizer(
+    ft: FineTuneSpec, named_params: list[tuple[str, nn.Parameter]], layer_lr: Optional[dict[str, float]] = None
+) -> torch.optim.Optimizer:
+    groups = param_groups(ft, named_params, layer_lr or {})
     if ft.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=ft.lr, momentum=ft.momentum, nesterov=ft.nesterov)
     if ft.optimizer == "rmsprop":
@@ -414,7 +416,7 @@ def _fit_stage(recipe: Recipe, stage: Stage, base: Prepared, plan: DataPlan, dev
         best_state = load_file(str(run_dir / RESUME / files["best"])) if "best" in files else None
         first_epoch = state["epoch"] + 1
 
-    stage_tag = f"{stage.name} ({'images' if on_images else 'cache'}) " if len(recipe.stage_plan()) > 1 or on_images else ""
+    stage_tag = f"{stage.name} ({'images' if on_images else 'cache'}) " if recipe.stages or on_images else ""
     last_row: dict = {}
     epoch = first_epoch - 1
     stopped = False
