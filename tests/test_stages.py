@@ -2,6 +2,7 @@
 per-layer and discriminative lr, early stopping, dropout override,
 continue-from-checkpoint, exact resume after SIGKILL, determinism."""
 
+import contextlib
 import json
 import os
 import signal
@@ -135,12 +136,11 @@ def _kill_after(recipe_path, run_dir, stage: int, epoch: int) -> None:
     deadline = time.monotonic() + 120
     try:
         while time.monotonic() < deadline and proc.poll() is None:
-            try:
+            s = None
+            with contextlib.suppress(OSError, ValueError):  # not written yet, or mid-replace
                 s = json.loads(state_file.read_text())
-                if (s["stage"], s["epoch"]) >= (stage, epoch):
-                    break
-            except (OSError, ValueError):
-                pass
+            if s is not None and (s["stage"], s["epoch"]) >= (stage, epoch):
+                break
             time.sleep(0.005)
         assert proc.poll() is None, "the run finished before it could be killed; make it longer"
         proc.send_signal(signal.SIGKILL)
