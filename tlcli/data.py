@@ -15,7 +15,7 @@ import tarfile
 import tempfile
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Optional, Union
@@ -44,11 +44,18 @@ class DataPlan:
     class_names: list[str]
     splits: dict[str, list[tuple[Source, int]]]
     root: Optional[Path] = None
+    _fingerprint: Optional[str] = field(default=None, init=False, repr=False, compare=False)
 
     def fingerprint(self) -> str:
         """A hash of everything about the data that determines features: the
         bytes of every image (not mtimes, which lie after a copy or checkout),
-        labels, class names and split membership."""
+        labels, class names and split membership. Computed once per plan: it
+        reads every image file."""
+        if self._fingerprint is None:
+            self._fingerprint = self._hash()
+        return self._fingerprint
+
+    def _hash(self) -> str:
         h = hashlib.blake2b(digest_size=16)
         h.update(repr((self.kind, self.class_names)).encode())
         if self.kind == "digits":

@@ -89,6 +89,18 @@ class ModelGraph:
         modules = {n.rsplit(".", 1)[0] for n in self.node_names if "." in n}
         return did_you_mean(name, self.node_names + sorted(modules))
 
+    def output_shapes(self, channels: int, size: int) -> dict[fx.Node, tuple]:
+        """Per-node output shapes (batch dimension dropped), from a one-image
+        dry run in eval mode."""
+        from torch.fx.passes.shape_prop import ShapeProp
+
+        was_training = self.module.training
+        with torch.no_grad():
+            ShapeProp(self.module.eval()).propagate(torch.zeros(1, channels, size, size))
+        self.module.train(was_training)
+        return {n: tuple(n.meta["tensor_meta"].shape[1:]) for n in self.module.graph.nodes
+                if hasattr(n.meta.get("tensor_meta"), "shape")}
+
     def module_of(self, node: fx.Node) -> Optional[nn.Module]:
         if node.op == "call_module":
             return self.module.get_submodule(node.target)

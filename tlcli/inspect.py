@@ -6,9 +6,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-from torch.fx.passes.shape_prop import ShapeProp
-
 from tlcli.data import class_names_for
 from tlcli.errors import TLError
 from tlcli.recipe import load_recipe
@@ -30,16 +27,13 @@ def inspect_recipe(path: Path, stage: int | None = None) -> tuple[list[dict], di
     chosen = stages[(stage or 1) - 1]
     prepared = prepare(recipe, class_names_for(recipe), chosen, weights=False)
     graph, split = prepared.graph, prepared.split
-    pp = prepared.preprocess
-    with torch.no_grad():
-        ShapeProp(graph.module.eval()).propagate(torch.zeros(1, pp.channels, pp.size, pp.size))
+    shapes = graph.output_shapes(prepared.preprocess.channels, prepared.preprocess.size)
     frontier = set(split.frontier)
     rows = []
     for i, (node, name) in enumerate(graph.names.items()):
         if node.op == "placeholder":
             continue
-        meta = node.meta.get("tensor_meta")
-        shape = "×".join(str(d) for d in meta.shape[1:]) if hasattr(meta, "shape") else ""
+        shape = "×".join(str(d) for d in shapes.get(node, ()))
         rows.append({
             "index": i,
             "name": name,

@@ -26,11 +26,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
 
 from tlcli.errors import Problem, RecipeError, RunError, WeightsError, did_you_mean
 from tlcli.graph import ModelGraph, Split, TransferModel, frozen_extractor, split_at, trainable_part
-from tlcli.recipe import AddSpec, BaseSpec, FreezeSpec, NOutReplace, Recipe, RemoveSpec, Stage, WeightsSpec, load_recipe
+from tlcli.recipe import AddSpec, FreezeSpec, NOutReplace, Recipe, RemoveSpec, Stage, load_recipe
 from tlcli.zoo import Preprocess, build_base, init_layer, model_names
 
 CHECKPOINT_META = "checkpoint.json"
@@ -158,17 +157,10 @@ def build_model(recipe: Recipe, weights: bool = True):
         raise RecipeError([recipe.problem(
             ("base", "model"), f"unknown {base.zoo} model '{base.model}'{did_you_mean(base.model, names)}"
         )])
-    spec = base if weights else BaseSpec(zoo=base.zoo, model=base.model, weights=WeightsSpec(name="none"), input_size=base.input_size)
     try:
-        built = build_base(spec)
+        return build_base(base, load_weights=weights)
     except WeightsError as err:
         raise RecipeError([recipe.problem(("base", "weights"), str(err))]) from None
-    if not weights and base.weights.name == "embedded":
-        # The embedded weights define the preprocessing (mean = std = 0.5).
-        from tlcli.zoo import EMBEDDED_PREPROCESS
-
-        built.preprocess = EMBEDDED_PREPROCESS.with_size(base.input_size)
-    return built
 
 
 def read_run(run_dir: Path) -> tuple[Recipe, dict]:
@@ -380,16 +372,8 @@ class Surgeon:
         return nodes[0]
 
     def shapes(self) -> dict[fx.Node, tuple]:
-        """Per-node output shapes (batch dimension dropped), from a one-image dry run."""
-        pp = self.built.preprocess
-        gm = self.graph.module
-        gm.recompile()
-        was_training = gm.training
-        with torch.no_grad():
-            ShapeProp(gm.eval()).propagate(torch.zeros(1, pp.channels, pp.size, pp.size))
-        gm.train(was_training)
-        return {n: tuple(n.meta["tensor_meta"].shape[1:]) for n in gm.graph.nodes
-                if hasattr(n.meta.get("tensor_meta"), "shape")}
+        self.graph.module.recompile()
+        return self.graph.output_shapes(self.built.preprocess.channels, self.built.preprocess.size)
 
     def set_module(self, name: str, module: nn.Module) -> None:
         self.graph.module.add_submodule(name, module)  # replaces an existing module of that name

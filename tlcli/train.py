@@ -28,6 +28,7 @@ from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tlcli.checkpoint import finished, save_checkpoint, write_json_atomic
@@ -237,8 +238,6 @@ def _state_cpu(module: nn.Module) -> dict[str, torch.Tensor]:
 def save_resume(run_dir: Path, state: dict, model: nn.Module, optimizer=None, scheduler=None, best=None) -> None:
     """Epoch-tagged files first, then `state.json` naming them (atomic), then
     the old files go. A kill at any point leaves a consistent previous state."""
-    from safetensors.torch import save_file
-
     d = run_dir / RESUME
     d.mkdir(parents=True, exist_ok=True)
     tag = f"s{state['stage']}-e{state['epoch']:04d}"
@@ -328,9 +327,8 @@ def fit(recipe: Recipe, reporter: Reporter = Reporter(), force: bool = False, re
         (run_dir / TIMINGS).write_text("")
         start_stage = 0
     else:
-        from safetensors.torch import load_file
-
         start_stage = state["stage"]
+        # The model as it was after the saved epoch (or stage); _fit_stage restores the rest.
         prepared.model.load_state_dict(load_file(str(run_dir / RESUME / state["files"]["model"])), strict=True)
         # Drop metrics rows written after the saved epoch (the killed epoch's, if any).
         for name in (METRICS, TIMINGS):
@@ -375,16 +373,15 @@ def fit(recipe: Recipe, reporter: Reporter = Reporter(), force: bool = False, re
 def _apply_dropout(model: nn.Module, frozen_modules: list[str], p: Optional[float]) -> None:
     if p is None:
         return
-    frozen = tuple(frozen_modules)
+    frozen = set(frozen_modules)
+    inside_frozen = tuple(f + "." for f in frozen_modules)
     for name, m in model.named_modules():
-        if isinstance(m, nn.Dropout) and not (name in frozen or name.startswith(tuple(f + "." for f in frozen))):
+        if isinstance(m, nn.Dropout) and name not in frozen and not name.startswith(inside_frozen):
             m.p = p
 
 
 def _fit_stage(recipe: Recipe, stage: Stage, base: Prepared, plan: DataPlan, device, reporter: Reporter,
                run_dir: Path, state: Optional[dict], rows_written: int, summaries: list[dict]) -> dict:
-    from safetensors.torch import load_file
-
     ft = stage.fine_tune
     prepared = base.for_freeze(recipe, stage.freeze)
     on_images = stage.input == "images"
@@ -408,7 +405,6 @@ def _fit_stage(recipe: Recipe, stage: Stage, base: Prepared, plan: DataPlan, dev
     best_value, best_epoch, best_state, bad_epochs, first_epoch = None, 0, None, 0, 1
     if state is not None and state["epoch"] > 0:
         files = state["files"]
-        prepared.model.load_state_dict(load_file(str(run_dir / RESUME / files["model"])), strict=True)
         saved = torch.load(run_dir / RESUME / files["optim"], weights_only=True)
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])

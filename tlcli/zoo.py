@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from tlcli.errors import TLError, WeightsError
-from tlcli.recipe import BaseSpec, HeadSpec, Recipe
+from tlcli.recipe import BaseSpec, Recipe
 
 
 @dataclass(frozen=True)
@@ -268,8 +268,13 @@ def model_names(zoo: str) -> list[str]:
     return sorted(TL_MODELS)
 
 
-def build_base(base: BaseSpec) -> BaseModel:
-    """The base model with its weights loaded and in eval mode."""
+def build_base(base: BaseSpec, load_weights: bool = True) -> BaseModel:
+    """The base model with its weights loaded and in eval mode.
+
+    With load_weights=False only the architecture is built (a checkpoint will
+    supply every tensor), but the preprocessing and the checks still follow
+    the recipe's weights: they define the input the model was trained on.
+    """
     w = base.weights
     if base.zoo == "timm":
         import timm
@@ -284,10 +289,12 @@ def build_base(base: BaseSpec) -> BaseModel:
         if w.name == "embedded":
             if base.model != EMBEDDED_ARCH:
                 raise WeightsError(f"the embedded weights are {EMBEDDED_ARCH}'s, not {base.model}'s")
-            load_embedded_lite0(model)
+            if load_weights:
+                load_embedded_lite0(model)
             preprocess, source_classes = EMBEDDED_PREPROCESS, imagenet_class_names()
         elif w.file:
-            load_file_weights(model, w.file, w.sha256)
+            if load_weights:
+                load_file_weights(model, w.file, w.sha256)
         elif not w.is_random:
             raise WeightsError(
                 f"weights '{w.name}' for a timm model: use 'embedded' (tf_efficientnet_lite0), 'none' or {{file: PATH}}"
@@ -303,10 +310,11 @@ def build_base(base: BaseSpec) -> BaseModel:
         classifier = last_linear(model)
         source_classes = None
         if w.file:
-            load_file_weights(model, w.file, w.sha256)
+            if load_weights:
+                load_file_weights(model, w.file, w.sha256)
         elif w.name == "embedded":
             raise WeightsError("the embedded weights are for zoo: timm, model: tf_efficientnet_lite0")
-        elif not w.is_random:
+        elif not w.is_random and load_weights:
             path = fetch_checkpoint(weights.url, hub_checkpoint_path(weights.url))
             model.load_state_dict(read_state_dict(path), strict=True)
             source_classes = list(weights.meta.get("categories") or []) or None
@@ -317,7 +325,8 @@ def build_base(base: BaseSpec) -> BaseModel:
         classifier = last_linear(model)
         source_classes = None
         if w.file:
-            load_file_weights(model, w.file, w.sha256)
+            if load_weights:
+                load_file_weights(model, w.file, w.sha256)
         elif not w.is_random:
             raise WeightsError(f"zoo: tl models take weights 'none' or {{file: PATH}}, not '{w.name}'")
     model.eval()
@@ -347,23 +356,6 @@ def init_layer(layer: nn.Module, init: str, generator: torch.Generator) -> None:
         nn.init.normal_(weight, std=0.01, generator=generator)
     if getattr(layer, "bias", None) is not None:
         nn.init.zeros_(layer.bias)
-
-
-def replace_head(model: nn.Module, layer: str, num_classes: int, init: str, seed: int) -> nn.Linear:
-    """Swap the classifier for a new Linear with `num_classes` outputs (DL4J's
-    removeVertexKeepConnections + addLayer on the output layer)."""
-    old = model.get_submodule(layer)
-    if not isinstance(old, nn.Linear):
-        raise WeightsError(f"head.layer '{layer}' is a {type(old).__name__}; tl replaces a Linear classifier")
-    new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
-    init_layer(new, init, torch.Generator().manual_seed(seed))
-    parent, leaf = get_submodule_parent(model, layer)
-    setattr(parent, leaf, new)
-    return new
-
-
-def resolve_head_layer(head: HeadSpec, base: BaseModel) -> str:
-    return base.classifier if head.layer == "auto" else head.layer
 
 
 def resolve_device(spec: str, cuda_available: Optional[bool] = None) -> torch.device:
