@@ -194,3 +194,13 @@ def test_device_auto_follows_torch(monkeypatch):
     assert resolve_device("auto").type == "cuda"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device("auto").type == "cpu"
+
+
+def test_architecture_only_build_keeps_the_weights_preprocessing():
+    """A checkpoint rebuilds its base without weights; the input it was trained
+    on still follows the recipe's weights (V1 resizes to 256, DEFAULT=V2 to 232)."""
+    v1 = BaseSpec(zoo="torchvision", model="resnet50", weights=WeightsSpec(name="ResNet50_Weights.IMAGENET1K_V1"))
+    assert build_base(v1, load_weights=False).preprocess.resize == 256
+    embedded = BaseSpec(zoo="timm", model="tf_efficientnet_lite0", weights=WeightsSpec(name="embedded"))
+    pp = build_base(embedded, load_weights=False).preprocess
+    assert (pp.mean, pp.mode) == ((0.5, 0.5, 0.5), "squash")
