@@ -15,16 +15,16 @@ from tlcli.data import plan_data
 from tlcli.features import cache_key, featurize, key_components, open_cache
 from tlcli.models import TinyResNet
 from tlcli.recipe import Recipe
-from tlcli.surgery import prepare
+from tlcli.build import prepare
 
 from conftest import make_imagefolder, tiny_recipe, write_recipe
 
 
 def key_of(recipe_dict) -> str:
     recipe = Recipe.model_validate(recipe_dict)
-    plan = plan_data(recipe)
+    plan = plan_data(recipe.data)
     prepared = prepare(recipe, plan.class_names)
-    return cache_key(key_components(recipe, prepared, plan, prepared.extractor()))
+    return cache_key(key_components(prepared, plan, prepared.extractor(), recipe.cache.dtype))
 
 
 def _weights_file(path, seed):
@@ -88,9 +88,9 @@ def test_second_featurize_hits_and_fit_reuses(tmp_path, cli):
 
 def test_cache_layout_and_manifest(tmp_path):
     recipe = Recipe.model_validate(tiny_recipe(tmp_path, cache={"shard_size": 40}))
-    plan = plan_data(recipe)
+    plan = plan_data(recipe.data)
     prepared = prepare(recipe, plan.class_names)
-    cache = featurize(recipe, prepared, plan, torch.device("cpu"))
+    cache = featurize(prepared, plan, torch.device("cpu"), recipe.cache, recipe.data)
     m = json.loads((cache.path / "manifest.json").read_text())
     assert [f["name"] for f in m["frontier"]] == ["stem.2", "block.1"]
     assert m["splits"]["train"]["count"] == len(plan.splits["train"])
@@ -123,9 +123,9 @@ def test_killed_featurize_leaves_no_accepted_cache_and_is_rebuilt(tmp_path):
     assert open_cache(cache_root / key) is None
 
     r = Recipe.model_validate(recipe)
-    plan = plan_data(r)
+    plan = plan_data(r.data)
     prepared = prepare(r, plan.class_names)
-    cache = featurize(r, prepared, plan, torch.device("cpu"))
+    cache = featurize(prepared, plan, torch.device("cpu"), r.cache, r.data)
     assert cache.key == key and open_cache(cache_root / key) is not None
     assert not list(cache_root.glob("*.tmp-*")), "the dead run's partial directory is cleaned up"
     assert cache.count("train") + cache.count("val") + cache.count("test") == 400

@@ -19,10 +19,10 @@ def recipe_for(tmp_path, **data):
 
 
 def test_digits_split_is_stratified_and_seeded(tmp_path):
-    plan = plan_data(Recipe.model_validate(tiny_recipe(tmp_path, data={"limit": None})))
+    plan = plan_data(Recipe.model_validate(tiny_recipe(tmp_path, data={"limit": None})).data)
     sizes = {k: len(v) for k, v in plan.splits.items()}
     assert sum(sizes.values()) == 1797 and sizes["test"] == 360
-    again = plan_data(Recipe.model_validate(tiny_recipe(tmp_path, data={"limit": None})))
+    again = plan_data(Recipe.model_validate(tiny_recipe(tmp_path, data={"limit": None})).data)
     assert again.splits == plan.splits
     splits = [set(s for s, _ in v) for v in plan.splits.values()]
     assert not (splits[0] & splits[1] or splits[0] & splits[2] or splits[1] & splits[2])
@@ -35,21 +35,21 @@ def test_digits_become_rgb_dark_ink_on_white():
 
 def test_imagefolder_unsplit(tmp_path):
     root = make_imagefolder(tmp_path / "imgs", per_class=10)
-    plan = plan_data(recipe_for(tmp_path, imagefolder=str(root)))
+    plan = plan_data(recipe_for(tmp_path, imagefolder=str(root)).data)
     assert plan.class_names == ["a", "b", "c"]
     assert sum(len(v) for v in plan.splits.values()) == 30 and len(plan.splits["test"]) == 6
 
 
 def test_imagefolder_presplit_without_val_carves_it_from_train(tmp_path):
     root = make_imagefolder(tmp_path / "imgs", per_class=10, split_dirs=["train", "test"])
-    plan = plan_data(recipe_for(tmp_path, imagefolder=str(root)))
+    plan = plan_data(recipe_for(tmp_path, imagefolder=str(root)).data)
     assert all("/test/" in s for s, _ in plan.splits["test"]) and len(plan.splits["test"]) == 30
     assert len(plan.splits["train"]) + len(plan.splits["val"]) == 30
     assert all("/train/" in s for s, _ in plan.splits["val"])
 
 
 def test_class_selection_relabels_in_given_order(tmp_path):
-    plan = plan_data(Recipe.model_validate(tiny_recipe(tmp_path, data={"classes": [7, 3]})))
+    plan = plan_data(Recipe.model_validate(tiny_recipe(tmp_path, data={"classes": [7, 3]})).data)
     assert plan.class_names == ["7", "3"]
     assert {l for _, l in plan.splits["train"]} == {0, 1}
 
@@ -74,17 +74,17 @@ def test_flowers_download_from_local_server(tmp_path, monkeypatch):
     members["flower_photos/LICENSE.txt"] = b"license"
     served = _flowers_tgz(tmp_path, members)
     with LocalServer(served) as srv:
-        plan = plan_data(recipe_for(tmp_path, dataset="flowers", url=f"{srv.url}/flower_photos.tgz"))
+        plan = plan_data(recipe_for(tmp_path, dataset="flowers", url=f"{srv.url}/flower_photos.tgz").data)
     assert plan.class_names == ["daisy", "roses"] and sum(len(v) for v in plan.splits.values()) == 20
     # Second time: no server needed.
-    plan = plan_data(recipe_for(tmp_path, dataset="flowers", url="http://127.0.0.1:9/x.tgz"))
+    plan = plan_data(recipe_for(tmp_path, dataset="flowers", url="http://127.0.0.1:9/x.tgz").data)
     assert plan.class_names == ["daisy", "roses"]
 
 
 def test_flowers_offline_error_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setenv("TL_DATA_HOME", str(tmp_path / "data"))
     with pytest.raises(DataError, match="Offline, extract flower_photos.tgz"):
-        plan_data(recipe_for(tmp_path, dataset="flowers", url="http://127.0.0.1:9/flower_photos.tgz"))
+        plan_data(recipe_for(tmp_path, dataset="flowers", url="http://127.0.0.1:9/flower_photos.tgz").data)
 
 
 def test_extraction_refuses_parent_traversal(tmp_path):

@@ -7,7 +7,8 @@ import torch
 
 from tlcli.errors import RecipeError
 from tlcli.recipe import FineTuneSpec, Recipe, parse_recipe
-from tlcli.train import fit, lr_factor, make_optimizer
+from tlcli.optim import lr_factor, make_optimizer
+from tlcli.train import fit
 
 from conftest import tiny_recipe
 

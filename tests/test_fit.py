@@ -8,17 +8,16 @@ import torch
 from tlcli.checkpoint import load_checkpoint
 from tlcli.data import loader, plan_data
 from tlcli.errors import RunError
-from tlcli.evaluate import evaluate
 from tlcli.features import featurize
 from tlcli.recipe import Recipe
-from tlcli.surgery import prepare
+from tlcli.build import prepare
 from tlcli.train import fit
 
 from conftest import tiny_recipe, write_recipe
 
 
 def _initial_state(recipe: Recipe):
-    plan = plan_data(recipe)
+    plan = plan_data(recipe.data)
     prepared = prepare(recipe, plan.class_names)
     frozen = set(prepared.split.frozen_state_names(prepared.model))
     return {k: v.clone() for k, v in prepared.model.state_dict().items()}, frozen
@@ -64,19 +63,6 @@ def test_finished_run_is_not_overwritten_without_force(tmp_path, cli):
     assert cli("fit", path, "--force")[0] == 0
 
 
-def test_evaluate_reports_and_writes_files(tmp_path, cli):
-    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path))
-    assert cli("fit", path)[0] == 0
-    code, out = cli("evaluate", tmp_path / "run")
-    assert code == 0, out
-    assert "test accuracy" in out and "top5" in out
-    metrics = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
-    assert metrics["n"] == 40 and set(metrics["per_class"]) == {str(i) for i in range(10)}
-    cm = json.loads((tmp_path / "run" / "eval" / "confusion_matrix.json").read_text())
-    assert sum(map(sum, cm["matrix"])) == 40
-    assert (tmp_path / "run" / "eval" / "confusion_matrix.png").stat().st_size > 1000
-
-
 @pytest.mark.real
 def test_head_on_cached_features_equals_full_model_on_raw_images(tmp_path):
     """The quickstart's setup on a few digits: cache + head == checkpointed full model."""
@@ -102,10 +88,10 @@ def test_head_on_cached_features_equals_full_model_on_raw_images(tmp_path):
     frozen = [k for k in state if not k.startswith("classifier.")]
     assert len(frozen) == 294 and all(torch.equal(state[k], reference[k]) for k in frozen)
 
-    plan = plan_data(recipe)
+    plan = plan_data(recipe.data)
     prepared = prepare(recipe, plan.class_names)
     prepared.model.load_state_dict(state)
-    cache = featurize(recipe, prepared, plan, torch.device("cpu"))
+    cache = featurize(prepared, plan, torch.device("cpu"), recipe.cache, recipe.data)
     head = prepared.trainable().eval()
     with torch.no_grad():
         from_cache = torch.cat([head(*f) for f, _ in cache.iterate("test")])

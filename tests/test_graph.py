@@ -90,7 +90,7 @@ _built: dict = {}
 
 def _prepared(zoo, model, weights, tmp_path_factory):
     from tlcli.recipe import Recipe
-    from tlcli.surgery import prepare
+    from tlcli.build import prepare
 
     if (zoo, model) not in _built:
         tmp = tmp_path_factory.mktemp(model)
@@ -110,7 +110,7 @@ def test_frontier_plus_trainable_equals_full_model_and_frozen_gets_no_gradient(z
     from tlcli.recipe import FreezeSpec
 
     recipe, base = _prepared(zoo, model, weights, tmp_path_factory)
-    prepared = base.for_freeze(recipe, FreezeSpec(until=boundary))
+    prepared = base.with_freeze(FreezeSpec(until=boundary))
     split = prepared.split
     assert len(split.frontier) == (2 if boundary in MID_BLOCK else 1), split.frontier_names
     torch.manual_seed(0)

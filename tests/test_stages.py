@@ -19,8 +19,9 @@ from tlcli.checkpoint import load_checkpoint
 from tlcli.data import plan_data
 from tlcli.errors import RecipeError, RunError
 from tlcli.recipe import FineTuneSpec, Recipe, parse_recipe
-from tlcli.surgery import prepare
-from tlcli.train import block_of, fit, param_groups
+from tlcli.build import prepare
+from tlcli.optim import block_of, param_groups
+from tlcli.train import FitHooks, fit
 
 from conftest import REPO, tiny_recipe, write_recipe
 
@@ -60,34 +61,29 @@ def test_stage_fine_tune_override_errors_point_into_the_stage(tmp_path):
     assert "stages.0.fine_tune.lr" in str(err.value) and "did you mean 'optimizer'" in str(err.value)
 
 
-def _states_at_stage_ends(monkeypatch):
-    """Capture the model state each time a stage ends (the resume state saved then)."""
-    import tlcli.train as train
+class StageEnds(FitHooks):
+    """Captures the model state each time a stage ends."""
 
-    captured = []
-    real = train.save_resume
+    def __init__(self):
+        self.states = []
 
-    def spy(run_dir, state, model, *args, **kwargs):
-        if state["epoch"] == 0:
-            captured.append({k: v.detach().clone() for k, v in model.state_dict().items()})
-        return real(run_dir, state, model, *args, **kwargs)
-
-    monkeypatch.setattr(train, "save_resume", spy)
-    return captured
+    def on_stage_end(self, stage, net):
+        self.states.append({k: v.detach().clone() for k, v in net.state_dict().items()})
 
 
-def test_every_stage_keeps_its_frozen_part_bit_identical(tmp_path, monkeypatch):
+def test_every_stage_keeps_its_frozen_part_bit_identical(tmp_path):
     recipe = Recipe.model_validate(two_stage(tmp_path))
-    plan = plan_data(recipe)
+    plan = plan_data(recipe.data)
     prepared = prepare(recipe, plan.class_names)
     initial = {k: v.clone() for k, v in prepared.model.state_dict().items()}
     stages = recipe.stage_plan()
-    frozen = [set(prepared.for_freeze(recipe, s.freeze).split.frozen_state_names(prepared.model)) for s in stages]
+    frozen = [set(prepared.for_stage(s).split.frozen_state_names(prepared.model)) for s in stages]
     assert frozen[1] < frozen[0] and "block.1.running_mean" in frozen[0] - frozen[1]
-    ends = _states_at_stage_ends(monkeypatch)
-    result = fit(recipe)
+    hooks = StageEnds()
+    result = fit(recipe, hooks=hooks)
+    ends = hooks.states
     final = load_checkpoint(result.run_dir).model.net.state_dict()
-    assert len(ends) == 2
+    assert len(ends) == 2 and all(torch.equal(ends[1][k], final[k]) for k in final)
     for stage, (frozen_names, after) in enumerate(zip(frozen, [ends[0], final])):
         for k in frozen_names:
             # weight_decay is 0.5: any decay applied to a frozen tensor would show.
@@ -101,22 +97,17 @@ def test_every_stage_keeps_its_frozen_part_bit_identical(tmp_path, monkeypatch):
     assert [s["input"] for s in meta["stages"]] == ["cache", "images"] and meta["frontier"] == ["stem.2"]
 
 
-def test_frozen_part_stays_in_eval_while_training_on_images(tmp_path, monkeypatch):
-    import tlcli.train as train
+def test_frozen_part_stays_in_eval_while_training_on_images(tmp_path):
+    class Modes(FitHooks):
+        seen = []
 
-    seen = []
-    real = train.run_epoch
+        def on_train_epoch_end(self, stage, epoch, model):
+            if model.extractor is not None:
+                net = model.transfer.net
+                self.seen.append((net.get_submodule("stem.1").training, net.get_submodule("block.1").training))
 
-    def spy(model, batches, device, optimizer=None, *a, **kw):
-        out = real(model, batches, device, optimizer, *a, **kw)
-        if optimizer is not None and model.extractor is not None:
-            net = model.transfer.net
-            seen.append((net.get_submodule("stem.1").training, net.get_submodule("block.1").training))
-        return out
-
-    monkeypatch.setattr(train, "run_epoch", spy)
-    fit(Recipe.model_validate(two_stage(tmp_path)))
-    assert seen == [(False, True)] * 3
+    fit(Recipe.model_validate(two_stage(tmp_path)), hooks=Modes())
+    assert Modes.seen == [(False, True)] * 3
 
 
 def test_same_recipe_and_seed_give_identical_metrics_across_stages(tmp_path):
@@ -196,16 +187,17 @@ def test_early_stopping_keeps_the_best_epoch(tmp_path):
     meta = json.loads((result.run_dir / "checkpoint.json").read_text())
     assert meta["stages"][0]["best_epoch"] == best + 1
     assert len(rows) == best + 1 + 2 < 12  # stopped after `patience` epochs without improvement
+    assert meta["stages"][0]["epochs_run"] == len(rows) == result.epochs  # epochs run, not one more
     # The saved model is the best epoch's: its val loss is the best one.
     from tlcli.train import cached_batches, run_epoch, StageModel
     from tlcli.features import featurize
 
     recipe = Recipe.model_validate(tiny_recipe(tmp_path, fine_tune=ft))
     ckpt = load_checkpoint(result.run_dir)
-    plan = plan_data(recipe)
+    plan = plan_data(recipe.data)
     prepared = prepare(recipe, plan.class_names)
     prepared.model.load_state_dict(ckpt.model.net.state_dict())
-    cache = featurize(recipe, prepared, plan, torch.device("cpu"))
+    cache = featurize(prepared, plan, torch.device("cpu"), recipe.cache, recipe.data)
     val = run_epoch(StageModel(prepared, False, torch.device("cpu")), cached_batches(cache, "val", 1024, None), "cpu")
     assert val["loss"] == pytest.approx(rows[best]["val_loss"], abs=1e-6)
 
@@ -238,20 +230,15 @@ def test_layer_lr_reaches_the_optimizer(tmp_path):
     assert rows[0]["lr"] == 0.5  # the largest group lr is logged
 
 
-def test_dropout_override_touches_only_trainable_dropout(tmp_path, monkeypatch):
-    import tlcli.train as train
+def test_dropout_override_touches_only_trainable_dropout(tmp_path):
+    class Dropout(FitHooks):
+        p = None
 
-    seen = {}
-    real = train._fit_stage
+        def on_stage_end(self, stage, net):
+            Dropout.p = net.dropout.p
 
-    def spy(recipe, stage, base, *a, **kw):
-        out = real(recipe, stage, base, *a, **kw)
-        seen["p"] = base.model.dropout.p
-        return out
-
-    monkeypatch.setattr(train, "_fit_stage", spy)
-    fit(Recipe.model_validate(tiny_recipe(tmp_path, fine_tune={"dropout": 0.45, "epochs": 1})))
-    assert seen["p"] == 0.45
+    fit(Recipe.model_validate(tiny_recipe(tmp_path, fine_tune={"dropout": 0.45, "epochs": 1})), hooks=Dropout())
+    assert Dropout.p == 0.45
     from tlcli.train import _apply_dropout
     from tlcli.models import TinyResNet
 
@@ -266,7 +253,7 @@ def test_continue_from_checkpoint_with_a_new_boundary(tmp_path):
     r = tiny_recipe(tmp_path / "b", base={"checkpoint": str(first.run_dir)}, freeze={"until": "stem"}, fine_tune={"epochs": 1})
     r["base"] = {"checkpoint": str(first.run_dir)}
     recipe = Recipe.model_validate(r)
-    plan = plan_data(recipe)
+    plan = plan_data(recipe.data)
     prepared = prepare(recipe, plan.class_names)
     # The base is the trained run, head included (same classes: continuing).
     start = prepared.model.state_dict()

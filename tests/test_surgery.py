@@ -7,7 +7,7 @@ from torch import nn
 
 from tlcli.errors import RecipeError
 from tlcli.recipe import Recipe, parse_recipe
-from tlcli.surgery import prepare
+from tlcli.build import prepare
 
 from conftest import tiny_recipe, write_recipe
 
@@ -211,7 +211,22 @@ def test_input_preprocessor_settings_enter_the_cache_key(tmp_path):
         r = _recipe(tmp_path, "simple_cnn", input={"channels": 1, "size": 8})
         r = r.model_copy(update={"base": r.base.model_copy(update=base)})
         p = prepare(r, CLASSES)
-        return cache_key(key_components(r, p, plan_data(r), p.extractor()))
+        return cache_key(key_components(p, plan_data(r.data), p.extractor(), r.cache.dtype))
 
     # Same data-side preprocessing (grey 8x8); only the size the model resizes to differs.
     assert key() != key(input_size=32)
+
+
+def test_an_inherited_freeze_is_reported_once_at_the_line_that_wrote_it(tmp_path, cli):
+    """Stages without their own freeze inherit the top-level one: a bad name there is
+    one problem at `freeze.until`'s own line, not one per stage at the stages' lines."""
+    stages = [{"name": "a", "epochs": 1}, {"name": "b", "epochs": 1}, {"name": "c", "freeze": {"until": "stm"}}]
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, freeze={"until": "blok.1"}, stages=stages))
+    lines = path.read_text().splitlines()
+    top = next(i for i, l in enumerate(lines, 1) if "blok.1" in l)
+    own = next(i for i, l in enumerate(lines, 1) if "stm" in l)
+    code, out = cli("validate", path)
+    errors = [l for l in out.splitlines() if l.startswith("error:")]
+    assert code == 1 and len(errors) == 2, out
+    assert errors[0].startswith(f"error: {path}:{top}: freeze.until: unknown node 'blok.1'; did you mean 'block.1'")
+    assert errors[1].startswith(f"error: {path}:{own}: stages.2.freeze.until: unknown node 'stm'; did you mean 'stem'")

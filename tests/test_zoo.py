@@ -67,7 +67,6 @@ def test_embedded_key_without_rule_is_refused():
 def test_embedded_preprocessing_comes_from_the_weights():
     base = build_base(BaseSpec(zoo="timm", model="tf_efficientnet_lite0", weights=WeightsSpec(name="embedded")))
     assert base.preprocess == EMBEDDED_PREPROCESS
-    assert base.classifier == "classifier"
     assert base.source_classes[285] == "Egyptian cat"
 
 
@@ -98,7 +97,6 @@ def test_torchvision_preprocessing_from_enum_without_download(tmp_path, monkeypa
     pp = base.preprocess
     assert (pp.size, pp.resize, pp.mode) == (224, 256, "center_crop")
     assert pp.mean == pytest.approx((0.485, 0.456, 0.406))
-    assert base.classifier == "fc"
     assert not (tmp_path / "hub").exists()
 
 

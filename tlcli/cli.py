@@ -139,8 +139,8 @@ def fit(
     final = result.final
     val = f", val_acc {final['val_acc']:.4f}" if "val_acc" in final else ""
     for s in result.stages if len(result.stages) > 1 else []:
-        best = f", best epoch {s['best_epoch']}" if s["best_epoch"] else ""
-        typer.echo(f"  {s['name']}: {s['epochs_run']} epochs on {s['input']}, {s['trainable_params']:,} trainable parameters{best}")
+        best = f", best epoch {s.best_epoch}" if s.best_epoch else ""
+        typer.echo(f"  {s.name}: {s.epochs_run} epochs on {s.input}, {s.trainable_params:,} trainable parameters{best}")
     typer.echo(
         f"fit {result.epochs} epochs in {result.seconds:.1f}s: train_loss {final['train_loss']:.4f}{val} -> {result.run_dir}"
     )
@@ -166,7 +166,9 @@ def evaluate(
     for name, c in m["per_class"].items():
         typer.echo(f"{name:>12} {c['precision']:9.4f} {c['recall']:9.4f} {c['f1']:9.4f} {c['support']:8d}")
     typer.echo(f"test accuracy {m['accuracy']:.4f}  {topk} {m[topk]:.4f}  macro-F1 {m['macro_f1']:.4f}  (n={m['n']})")
-    typer.echo(f"wrote {result.run_dir / 'eval'}/metrics.json, confusion_matrix.json, confusion_matrix.png")
+    from tlcli.rundir import EVAL, EVAL_CONFUSION, EVAL_CONFUSION_PLOT, EVAL_METRICS
+
+    typer.echo(f"wrote {result.run_dir / EVAL}/{EVAL_METRICS}, {EVAL_CONFUSION}, {EVAL_CONFUSION_PLOT}")
 
 
 def main() -> None:

@@ -25,9 +25,10 @@ import torch
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from tlcli.errors import DataError, Problem, RecipeError
-from tlcli.recipe import DataSpec, Recipe
-from tlcli.zoo import Preprocess
+from tlcli.errors import DataError, SpecError, did_you_mean
+from tlcli.files import file_digest
+from tlcli.preprocess import Preprocess
+from tlcli.recipe import DataSpec
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SPLITS = ("train", "val", "test")
@@ -66,19 +67,15 @@ class DataPlan:
             for source, label in self.splits.get(split, []):
                 h.update(f"{source}:{label};".encode())
                 if self.kind == "files":
-                    h.update(_file_digest(source))
+                    h.update(_image_digest(source))
         return h.hexdigest()
 
 
-def _file_digest(path: str) -> bytes:
-    digest = hashlib.blake2b(digest_size=16)
+def _image_digest(path: str) -> bytes:
     try:
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
+        return bytes.fromhex(file_digest(path))
     except OSError as err:
         raise DataError(f"{path}: cannot read image: {err.strerror or err}") from None
-    return digest.digest()
 
 
 @lru_cache(maxsize=1)
@@ -89,66 +86,65 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
     return d.images.astype(np.float32), d.target.astype(np.int64)
 
 
-def plan_data(recipe: Recipe) -> DataPlan:
-    spec = recipe.data
+def plan_data(spec: DataSpec) -> DataPlan:
+    """Which images, which labels, which split. Problems raise `SpecError` under `data.`."""
     if spec.dataset == "digits":
         _, target = _digits()
         names = [str(i) for i in range(10)]
         pairs = [(i, int(t)) for i, t in enumerate(target)]
-        pairs, names = _select_classes(recipe, pairs, names)
-        return DataPlan("digits", names, _split(recipe, pairs))
+        pairs, names = _select_classes(spec, pairs, names)
+        return DataPlan("digits", names, _split(spec, pairs))
     root = Path(spec.imagefolder) if spec.imagefolder else download_flowers(spec.url or FLOWERS_URL)
-    return plan_imagefolder(recipe, root)
+    return plan_imagefolder(spec, root)
 
 
 FLOWER_CLASSES = ["daisy", "dandelion", "roses", "sunflowers", "tulips"]
 
 
-def class_names_for(recipe: Recipe) -> list[str]:
+def class_names_for(spec: DataSpec) -> list[str]:
     """The class names, without downloading or hashing anything (for validate
     and inspect, which only need the head's width)."""
-    spec = recipe.data
     if spec.classes:
         return list(spec.classes)
     if spec.dataset == "digits":
         return [str(i) for i in range(10)]
     if spec.dataset == "flowers":
         return FLOWER_CLASSES
-    return plan_data(recipe).class_names
+    return plan_data(spec).class_names
 
 
-def plan_imagefolder(recipe: Recipe, root: Path) -> DataPlan:
-    loc = ("data", "imagefolder") if recipe.data.imagefolder else ("data", "dataset")
+def plan_imagefolder(spec: DataSpec, root: Path) -> DataPlan:
+    loc = ("data", "imagefolder") if spec.imagefolder else ("data", "dataset")
     if not root.is_dir():
-        raise RecipeError([recipe.problem(loc, f"{root} is not a directory")])
+        raise SpecError([(loc, f"{root} is not a directory")])
     presplit = (root / "train").is_dir() and (root / "test").is_dir()
     if presplit:
         names = _class_dirs(root / "train")
         splits: dict[str, list[tuple[Source, int]]] = {}
         for split in SPLITS:
             if (root / split).is_dir():
-                splits[split] = _scan(root / split, names, recipe, loc)
+                splits[split] = _scan(root / split, names, loc)
         pairs_all = [p for s in splits.values() for p in s]
         if not pairs_all:
-            raise RecipeError([recipe.problem(loc, f"no images found in {root} (extensions: {_exts()})")])
-        pairs_train, names_kept = _select_classes(recipe, splits["train"], names)
+            raise SpecError([(loc, f"no images found in {root} (extensions: {_exts()})")])
+        pairs_train, names_kept = _select_classes(spec, splits["train"], names)
         out = {"train": pairs_train}
         for split in ("val", "test"):
             if split in splits:
-                out[split], _ = _select_classes(recipe, splits[split], names)
+                out[split], _ = _select_classes(spec, splits[split], names)
         if "val" not in out:
             # Carve val from train, seeded and stratified, as for an unsplit folder.
-            carved = _split(recipe, out["train"], with_test=False)
+            carved = _split(spec, out["train"], with_test=False)
             out["train"], out["val"] = carved["train"], carved["val"]
         return DataPlan("files", names_kept, out, root)
     names = _class_dirs(root)
     if not names:
-        raise RecipeError([recipe.problem(loc, f"no class folders in {root}: expected one folder per class")])
-    pairs = _scan(root, names, recipe, loc)
+        raise SpecError([(loc, f"no class folders in {root}: expected one folder per class")])
+    pairs = _scan(root, names, loc)
     if not pairs:
-        raise RecipeError([recipe.problem(loc, f"no images found in {root} (extensions: {_exts()})")])
-    pairs, names = _select_classes(recipe, pairs, names)
-    return DataPlan("files", names, _split(recipe, pairs), root)
+        raise SpecError([(loc, f"no images found in {root} (extensions: {_exts()})")])
+    pairs, names = _select_classes(spec, pairs, names)
+    return DataPlan("files", names, _split(spec, pairs), root)
 
 
 def _exts() -> str:
@@ -159,41 +155,39 @@ def _class_dirs(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _scan(root: Path, names: list[str], recipe: Recipe, loc: tuple) -> list[tuple[Source, int]]:
+def _scan(root: Path, names: list[str], loc: tuple) -> list[tuple[Source, int]]:
     pairs = []
     for label, name in enumerate(names):
         folder = root / name
         if not folder.is_dir():
-            raise RecipeError([recipe.problem(loc, f"{root} lacks the class folder '{name}' that train/ has")])
+            raise SpecError([(loc, f"{root} lacks the class folder '{name}' that train/ has")])
         for path in sorted(folder.rglob("*")):
             if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
                 pairs.append((str(path), label))
     return pairs
 
 
-def _select_classes(recipe: Recipe, pairs, names):
-    wanted = recipe.data.classes
+def _select_classes(spec: DataSpec, pairs, names):
+    wanted = spec.classes
     if not wanted:
         return pairs, names
     unknown = [c for c in wanted if c not in names]
     if unknown:
-        from tlcli.errors import did_you_mean
-
-        raise RecipeError([
-            recipe.problem(("data", "classes"), f"unknown class '{c}'{did_you_mean(c, names)} (classes: {', '.join(names)})")
+        raise SpecError([
+            (("data", "classes"), f"unknown class '{c}'{did_you_mean(c, names)} (classes: {', '.join(names)})")
             for c in unknown
         ])
     remap = {names.index(c): i for i, c in enumerate(wanted)}
     return [(s, remap[l]) for s, l in pairs if l in remap], list(wanted)
 
 
-def _split(recipe: Recipe, pairs, with_test: bool = True) -> dict[str, list[tuple[Source, int]]]:
+def _split(data: DataSpec, pairs, with_test: bool = True) -> dict[str, list[tuple[Source, int]]]:
     from sklearn.model_selection import train_test_split
 
-    spec = recipe.data.split
+    spec = data.split
     labels = [l for _, l in pairs]
-    if recipe.data.limit and recipe.data.limit < len(pairs):
-        pairs, _ = train_test_split(pairs, train_size=recipe.data.limit, stratify=labels, random_state=spec.seed)
+    if data.limit and data.limit < len(pairs):
+        pairs, _ = train_test_split(pairs, train_size=data.limit, stratify=labels, random_state=spec.seed)
         labels = [l for _, l in pairs]
     try:
         rest, test = (train_test_split(pairs, test_size=spec.test, stratify=labels, random_state=spec.seed)
@@ -206,7 +200,7 @@ def _split(recipe: Recipe, pairs, with_test: bool = True) -> dict[str, list[tupl
         else:
             train, val = rest, []
     except ValueError as err:  # too few images per class for a stratified split
-        raise RecipeError([recipe.problem(("data", "split"), f"cannot split {len(pairs)} images: {err}")]) from None
+        raise SpecError([(("data", "split"), f"cannot split {len(pairs)} images: {err}")]) from None
     out.update(train=list(train), val=list(val))
     return {k: [(s, int(l)) for s, l in out[k]] for k in SPLITS if k in out}
 

@@ -38,6 +38,16 @@ class RecipeError(TLError):
         super().__init__("\n".join(str(p) for p in self.problems))
 
 
+class SpecError(TLError):
+    """Problems found below the layer that holds the recipe, each at a dotted
+    location in it (`("surgery", 2, "add", "inputs", 0)`). The layer that
+    holds the recipe turns them into `file:line` problems (`Recipe.located`)."""
+
+    def __init__(self, issues: Iterable[tuple[tuple, str]]):
+        self.issues = list(issues)
+        super().__init__("\n".join(f"{'.'.join(map(str, loc))}: {message}" for loc, message in self.issues))
+
+
 class DataError(TLError):
     """A data set that cannot be read: no images, an unreadable file, a failed download."""
 

@@ -1,4 +1,4 @@
-"""Evaluate: the *full* checkpointed model on the raw test images (not the cache).
+"""Evaluate: score the *full* checkpointed model on the raw test images (not the cache).
 
 Writes `eval/metrics.json`, `eval/confusion_matrix.json` and
 `eval/confusion_matrix.png` into the run directory.
@@ -13,11 +13,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tlcli.checkpoint import load_checkpoint, write_json_atomic
+from tlcli.checkpoint import load_checkpoint
 from tlcli.data import loader, plan_data
 from tlcli.errors import RunError
+from tlcli.files import write_json_atomic
+from tlcli.plots import plot_confusion
 from tlcli.progress import Reporter
 from tlcli.recipe import load_recipe
+from tlcli.rundir import EVAL_CONFUSION, EVAL_CONFUSION_PLOT, EVAL_METRICS, RunDir
 from tlcli.zoo import resolve_device
 
 
@@ -49,26 +52,26 @@ def predict(model, pairs, preprocess, batch_size, num_workers, device, reporter)
 
 
 def evaluate(target: Path, reporter: Reporter = Reporter(), device_spec: str | None = None) -> EvalResult:
-    run_dir = run_dir_of(Path(target))
-    ckpt = load_checkpoint(run_dir)
+    run = RunDir(run_dir_of(Path(target)))
+    ckpt = load_checkpoint(run.path)
     # The run's own resolved recipe defines the data and split it was fit on.
-    recipe = load_recipe(run_dir / "recipe.yaml")
-    plan = plan_data(recipe)
+    recipe = run.read_recipe()
+    with recipe.located():
+        plan = plan_data(recipe.data)
     warnings = []
-    if plan.fingerprint() != ckpt.meta.get("data_fingerprint"):
+    if plan.fingerprint() != ckpt.meta.data_fingerprint:
         warnings.append("the data set has changed since this run was fit; scoring the current test split")
     if plan.class_names != ckpt.class_names:
-        raise RunError(f"{run_dir}: the data's classes {plan.class_names} differ from the run's {ckpt.class_names}")
+        raise RunError(f"{run}: the data's classes {plan.class_names} differ from the run's {ckpt.class_names}")
     pairs = plan.splits["test"]
     device = resolve_device(device_spec or recipe.device)
     logits, y = predict(ckpt.model, pairs, ckpt.preprocess, recipe.data.batch_size, recipe.data.num_workers, device, reporter)
     metrics = score(logits, y, ckpt.class_names)
-    out = run_dir / "eval"
-    out.mkdir(exist_ok=True)
-    write_json_atomic(out / "metrics.json", {k: v for k, v in metrics.items() if k != "confusion_matrix"})
-    write_json_atomic(out / "confusion_matrix.json", {"labels": ckpt.class_names, "matrix": metrics["confusion_matrix"]})
-    plot_confusion(np.array(metrics["confusion_matrix"]), ckpt.class_names, out / "confusion_matrix.png", metrics["accuracy"])
-    return EvalResult(run_dir, metrics, warnings)
+    out = run.eval_dir()
+    write_json_atomic(out / EVAL_METRICS, {k: v for k, v in metrics.items() if k != "confusion_matrix"})
+    write_json_atomic(out / EVAL_CONFUSION, {"labels": ckpt.class_names, "matrix": metrics["confusion_matrix"]})
+    plot_confusion(np.array(metrics["confusion_matrix"]), ckpt.class_names, out / EVAL_CONFUSION_PLOT, metrics["accuracy"])
+    return EvalResult(run.path, metrics, warnings)
 
 
 def score(logits: np.ndarray, y: np.ndarray, class_names: list[str]) -> dict:
@@ -90,19 +93,3 @@ def score(logits: np.ndarray, y: np.ndarray, class_names: list[str]) -> dict:
         "macro_f1": float(f.mean()),
         "confusion_matrix": confusion_matrix(y, pred, labels=labels).tolist(),
     }
-
-
-def plot_confusion(matrix: np.ndarray, class_names: list[str], out: Path, accuracy: float) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import ConfusionMatrixDisplay
-
-    size = max(5, 0.5 * len(class_names) + 3)
-    fig, ax = plt.subplots(figsize=(size, size))
-    ConfusionMatrixDisplay(matrix, display_labels=class_names).plot(ax=ax, cmap="Blues", colorbar=False)
-    ax.set_title(f"test accuracy {accuracy:.4f}")
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)

@@ -1,4 +1,4 @@
-"""Featurize: run the frozen part once per split and cache the frontier tensors.
+"""Featurize: run the frozen part once per split and cache the frontier tensors on disk.
 
 Layout: `<cache.dir>/<key>/manifest.json` and `<split>-NNNNN.safetensors`
 shards. A cache is built in a private `<key>.tmp-<pid>` directory (shards
@@ -21,10 +21,12 @@ from typing import Iterator, Optional
 import torch
 from safetensors.torch import load_file, save_file
 
-from tlcli.data import DataPlan, loader
+from tlcli.build import Prepared, prepare
+from tlcli.data import DataPlan, loader, plan_data
+from tlcli.files import atomic_write, write_json_atomic
 from tlcli.progress import Reporter
-from tlcli.recipe import Recipe
-from tlcli.surgery import Prepared
+from tlcli.recipe import CacheSpec, DataSpec, Recipe
+from tlcli.zoo import resolve_device
 
 CACHE_FORMAT = 1
 MANIFEST = "manifest.json"
@@ -41,7 +43,7 @@ def _hash_tensors(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def key_components(recipe: Recipe, prepared: Prepared, plan: DataPlan, extractor: torch.fx.GraphModule) -> dict:
+def key_components(prepared: Prepared, plan: DataPlan, extractor: torch.fx.GraphModule, dtype: str) -> dict:
     """Everything that determines the cached features, one hash or value each."""
     split = prepared.split
     frozen_names = set(split.frozen_state_names(prepared.model))
@@ -49,14 +51,14 @@ def key_components(recipe: Recipe, prepared: Prepared, plan: DataPlan, extractor
     modules = "\n".join(f"{n}: {prepared.model.get_submodule(n)!r}" for n in split.frozen_module_names())
     return {
         "format": CACHE_FORMAT,
-        "model": recipe.base.describe(),
+        "model": prepared.model_id,
         "frontier": split.frontier_names,
         # The frozen graph's code and module configs pin the architecture up to the cut.
         "architecture": hashlib.blake2b((extractor.code + modules).encode(), digest_size=16).hexdigest(),
         "weights": _hash_tensors(frozen_state),
         "preprocess": prepared.preprocess.to_dict(),
         "data": plan.fingerprint(),
-        "dtype": recipe.cache.dtype,
+        "dtype": dtype,
     }
 
 
@@ -80,6 +82,9 @@ class FeatureCache:
 
     def shards(self, split: str) -> list[str]:
         return [s["file"] for s in self.manifest["splits"].get(split, {}).get("shards", [])]
+
+    def shard_rows(self, split: str) -> list[int]:
+        return [s["rows"] for s in self.manifest["splits"].get(split, {}).get("shards", [])]
 
     def read_shard(self, name: str) -> tuple[list[torch.Tensor], torch.Tensor]:
         tensors = load_file(str(self.path / name))
@@ -107,100 +112,114 @@ def open_cache(path: Path) -> Optional[FeatureCache]:
     return FeatureCache(path, manifest)
 
 
-def cache_dir_for(recipe: Recipe, key: str) -> Path:
-    return Path(recipe.cache.dir).expanduser() / key
+class ShardWriter:
+    """Buffers one split's frontier rows and writes a shard every `shard_size` rows."""
+
+    def __init__(self, directory: Path, split: str, shard_size: int):
+        self.directory, self.split, self.shard_size = directory, split, shard_size
+        self.shards: list[dict] = []
+        self.count = 0
+        self._outs: list[list[torch.Tensor]] = []
+        self._labels: list[torch.Tensor] = []
+        self._rows = 0
+
+    def add(self, outs: list[torch.Tensor], labels: torch.Tensor) -> None:
+        self._outs.append(outs)
+        self._labels.append(labels.to(torch.int64))
+        self._rows += len(labels)
+        self.count += len(labels)
+        if self._rows >= self.shard_size:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._rows:
+            return
+        tensors = {f"frontier_{i}": torch.cat([b[i] for b in self._outs]).contiguous() for i in range(len(self._outs[0]))}
+        tensors["labels"] = torch.cat(self._labels)
+        name = f"{self.split}-{len(self.shards):05d}.safetensors"
+        atomic_write(self.directory / name, lambda p: save_file(tensors, str(p)))
+        self.shards.append({"file": name, "rows": self._rows, "bytes": (self.directory / name).stat().st_size})
+        self._outs, self._labels, self._rows = [], [], 0
+
+    def summary(self) -> dict:
+        self.flush()
+        return {"count": self.count, "shards": self.shards}
+
+
+class _Extractor:
+    """The frozen part on the device, in the layout and precision the cache asks for."""
+
+    def __init__(self, prepared: Prepared, device: torch.device, dtype: str):
+        self.device = device
+        self.channels_last = device.type != "mps"
+        self.module = prepared.extractor().to(device).eval()
+        if self.channels_last:
+            self.module = self.module.to(memory_format=torch.channels_last)
+        self.store_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = x.to(self.device, non_blocking=True)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.store_dtype == torch.bfloat16):
+            outs = self.module(x)
+        return [o.to("cpu", self.store_dtype).contiguous() for o in outs]
 
 
 def featurize(
-    recipe: Recipe,
     prepared: Prepared,
     plan: DataPlan,
     device: torch.device,
+    cache: CacheSpec,
+    data: DataSpec,
     reporter: Reporter = Reporter(),
     force: bool = False,
 ) -> FeatureCache:
-    """Return the cache for this recipe, building it when missing."""
-    extractor = prepared.extractor()
-    components = key_components(recipe, prepared, plan, extractor)
+    """The cache for this model's frozen part and data, built when missing (or forced)."""
+    components = key_components(prepared, plan, prepared.extractor(), cache.dtype)
     key = cache_key(components)
-    final = cache_dir_for(recipe, key)
+    final = Path(cache.dir).expanduser() / key
     existing = open_cache(final)
     if existing is not None and not force:
         reporter.info(f"feature cache hit: {final}")
         return existing
     _remove_dead_partials(final)
-
     tmp = final.with_name(f"{key}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    extractor = extractor.to(device).eval()
-    channels_last = device.type != "mps"
-    if channels_last:
-        extractor = extractor.to(memory_format=torch.channels_last)
-    store_dtype = torch.bfloat16 if recipe.cache.dtype == "bfloat16" else torch.float32
-    manifest = {
-        "format": CACHE_FORMAT,
-        "key": key,
-        "components": components,
-        "frontier": [],
-        "class_names": plan.class_names,
-        "splits": {},
-    }
-    started = time.perf_counter()
-    for split_name, pairs in plan.splits.items():
-        shards, count = [], 0
-        buffer: list[list[torch.Tensor]] = []
-        labels: list[torch.Tensor] = []
-        rows = 0
-
-        def flush() -> None:
-            nonlocal buffer, labels, rows
-            if not rows:
-                return
-            tensors = {f"frontier_{i}": torch.cat([b[i] for b in buffer]).contiguous() for i in range(len(buffer[0]))}
-            tensors["labels"] = torch.cat(labels)
-            name = f"{split_name}-{len(shards):05d}.safetensors"
-            part = tmp / (name + ".part")
-            save_file(tensors, str(part))
-            os.replace(part, tmp / name)
-            shards.append({"file": name, "rows": rows, "bytes": (tmp / name).stat().st_size})
-            buffer, labels, rows = [], [], 0
-
-        data = loader(pairs, prepared.preprocess, recipe.data.batch_size, recipe.data.num_workers)
-        with reporter.task(f"featurize {split_name}", total=len(pairs), unit="img") as task, torch.inference_mode():
-            for x, y in data:
-                x = x.to(device, non_blocking=True)
-                if channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=store_dtype == torch.bfloat16):
-                    outs = extractor(x)
-                outs = [o.to("cpu", store_dtype).contiguous() for o in outs]
-                if not manifest["frontier"]:
-                    manifest["frontier"] = [
-                        {"name": n, "shape": list(o.shape[1:]), "dtype": str(store_dtype).removeprefix("torch.")}
-                        for n, o in zip(prepared.split.frontier_names, outs)
-                    ]
-                buffer.append(outs)
-                labels.append(y.to(torch.int64))
-                rows += len(y)
-                count += len(y)
-                task.advance(len(y))
-                if rows >= recipe.cache.shard_size:
-                    flush()
-            flush()
-        manifest["splits"][split_name] = {"count": count, "shards": shards}
-    manifest["seconds"] = round(time.perf_counter() - started, 3)
+    manifest = _write_splits(prepared, plan, _Extractor(prepared, device, cache.dtype), tmp, cache, data, reporter)
+    manifest.update(key=key, components=components)
     # The manifest is written last: its presence is what marks a cache complete.
-    part = tmp / (MANIFEST + ".part")
-    part.write_text(json.dumps(manifest, indent=1))
-    os.replace(part, tmp / MANIFEST)
+    write_json_atomic(tmp / MANIFEST, manifest)
     if final.exists():
         shutil.rmtree(final)  # stale, damaged, or --force
     os.replace(tmp, final)
     reporter.info(f"feature cache written: {final}")
-    cache = open_cache(final)
-    assert cache is not None, "a cache just written must open"
-    return cache
+    written = open_cache(final)
+    assert written is not None, "a cache just written must open"
+    return written
+
+
+def _write_splits(prepared: Prepared, plan: DataPlan, extract: _Extractor, tmp: Path, cache: CacheSpec,
+                  data: DataSpec, reporter: Reporter) -> dict:
+    """Every split through the frozen part into shards; the manifest's content, less its key."""
+    manifest = {"format": CACHE_FORMAT, "frontier": [], "class_names": plan.class_names, "splits": {}}
+    dtype_name = str(extract.store_dtype).removeprefix("torch.")
+    started = time.perf_counter()
+    for split_name, pairs in plan.splits.items():
+        writer = ShardWriter(tmp, split_name, cache.shard_size)
+        batches = loader(pairs, prepared.preprocess, data.batch_size, data.num_workers)
+        with reporter.task(f"featurize {split_name}", total=len(pairs), unit="img") as task, torch.inference_mode():
+            for x, y in batches:
+                outs = extract(x)
+                if not manifest["frontier"]:
+                    manifest["frontier"] = [{"name": n, "shape": list(o.shape[1:]), "dtype": dtype_name}
+                                            for n, o in zip(prepared.split.frontier_names, outs)]
+                writer.add(outs, y)
+                task.advance(len(y))
+        manifest["splits"][split_name] = writer.summary()
+    manifest["seconds"] = round(time.perf_counter() - started, 3)
+    return manifest
 
 
 def _remove_dead_partials(final: Path) -> None:
@@ -225,15 +244,9 @@ def _alive(pid: int) -> bool:
 
 def featurize_recipe(recipe: Recipe, reporter: Reporter = Reporter(), force: bool = False) -> list[FeatureCache]:
     """`tl featurize`: build the cache of every stage that trains from one."""
-    from tlcli.data import plan_data
-    from tlcli.surgery import prepare
-    from tlcli.zoo import resolve_device
-
-    plan = plan_data(recipe)
-    prepared = prepare(recipe, plan.class_names)
-    device = resolve_device(recipe.device)
-    caches = []
-    for stage in recipe.stage_plan():
-        if stage.input == "cache":
-            caches.append(featurize(recipe, prepared.for_freeze(recipe, stage.freeze), plan, device, reporter, force=force))
-    return caches
+    with recipe.located():
+        plan = plan_data(recipe.data)
+        prepared = prepare(recipe, plan.class_names)
+        device = resolve_device(recipe.device)
+        return [featurize(prepared.for_stage(stage), plan, device, recipe.cache, recipe.data, reporter, force=force)
+                for stage in recipe.stage_plan() if stage.input == "cache"]

@@ -106,6 +106,11 @@ class ModelGraph:
             return self.module.get_submodule(node.target)
         return None
 
+    def linear_layers(self) -> list[str]:
+        """Names of the modules called as Linear layers, in execution order (the last is the classifier)."""
+        return [n.target for n in self.module.graph.nodes
+                if n.op == "call_module" and isinstance(self.module_of(n), nn.Linear)]
+
     def param_count(self, node: fx.Node) -> int:
         m = self.module_of(node)
         if m is not None:
@@ -114,6 +119,11 @@ class ModelGraph:
             attr = _get_attr(self.module, node.target)
             return attr.numel() if isinstance(attr, torch.Tensor) else 0
         return 0
+
+
+def format_shape(shape) -> str:
+    """`(8, 32, 32)` -> `8×32×32`, as inspect tables and error messages show shapes."""
+    return "×".join(str(d) for d in shape) if shape else "(unknown)"
 
 
 def _get_attr(root: nn.Module, target: str):

@@ -1,22 +1,25 @@
-"""Inspect and validate: the model's nodes in execution order, after the
-recipe's surgery, with output shapes from a one-image dry run, so a user can
-choose a boundary; and the check that every name in a recipe exists."""
+"""Inspect and validate: check every name in a recipe, and list the model's nodes for choosing a boundary.
+
+Nodes come in execution order, after the recipe's surgery, with output
+shapes from a one-image dry run. Neither command reads weights or data."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from tlcli.build import prepare
 from tlcli.data import class_names_for
 from tlcli.errors import TLError
+from tlcli.graph import format_shape
 from tlcli.recipe import load_recipe
-from tlcli.surgery import prepare
 
 
 def validate_recipe(path: Path) -> None:
     """Schema, then every name in every operation and stage against the model's
     graph. The architecture is built without pretrained weights or data."""
     recipe = load_recipe(path)
-    prepare(recipe, class_names_for(recipe), weights=False)
+    with recipe.located():
+        prepare(recipe, class_names_for(recipe.data), weights=False)
 
 
 def inspect_recipe(path: Path, stage: int | None = None) -> tuple[list[dict], dict]:
@@ -25,7 +28,8 @@ def inspect_recipe(path: Path, stage: int | None = None) -> tuple[list[dict], di
     if stage is not None and not 1 <= stage <= len(stages):
         raise TLError(f"{path}: --stage {stage}: the recipe has {len(stages)} stage(s)")
     chosen = stages[(stage or 1) - 1]
-    prepared = prepare(recipe, class_names_for(recipe), chosen, weights=False)
+    with recipe.located():
+        prepared = prepare(recipe, class_names_for(recipe.data), chosen, weights=False)
     graph, split = prepared.graph, prepared.split
     shapes = graph.output_shapes(prepared.preprocess.channels, prepared.preprocess.size)
     frontier = set(split.frontier)
@@ -33,7 +37,7 @@ def inspect_recipe(path: Path, stage: int | None = None) -> tuple[list[dict], di
     for i, (node, name) in enumerate(graph.names.items()):
         if node.op == "placeholder":
             continue
-        shape = "×".join(str(d) for d in shapes.get(node, ()))
+        shape = format_shape(shapes[node]) if node in shapes else ""
         rows.append({
             "index": i,
             "name": name,

@@ -11,7 +11,7 @@ from typing import Callable
 
 from torch import nn
 
-from tlcli.zoo import Preprocess
+from tlcli.preprocess import Preprocess
 
 _SMALL = Preprocess(32, 32, "squash", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear")
 

@@ -8,10 +8,11 @@ key, at the section that lacks it).
 
 from __future__ import annotations
 
+import contextlib
 import re
 import types
-from dataclasses import dataclass
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
@@ -27,7 +28,7 @@ from pydantic import (
     model_validator,
 )
 
-from tlcli.errors import Problem, RecipeError, TLError, did_you_mean
+from tlcli.errors import Problem, RecipeError, SpecError, TLError, did_you_mean
 
 
 class Strict(BaseModel):
@@ -399,6 +400,19 @@ class Stage:
     augment: Optional[AugmentSpec]
     input: str  # "cache" or "images"
     loc: tuple  # where problems with this stage point
+    freeze_loc: tuple = ("freeze",)  # where its freeze was written (inherited: the stage or top level that wrote it)
+
+    def fine_tune_loc(self, *rest) -> tuple:
+        """Where a fine_tune key of this stage points: the stage's own override, else the top level."""
+        return (*self.loc, "fine_tune", *rest) if self.loc else ("fine_tune", *rest)
+
+
+def merged_fine_tune(base: "FineTuneSpec", spec: "StageSpec") -> "FineTuneSpec":
+    """The recipe's fine_tune with a stage's overrides on top; raises pydantic's ValidationError."""
+    overrides = spec.fine_tune.model_dump(exclude_none=True) if spec.fine_tune is not None else {}
+    if spec.epochs is not None:
+        overrides["epochs"] = spec.epochs
+    return FineTuneSpec.model_validate({**base.model_dump(), **overrides})
 
 
 class CacheSpec(Strict):
@@ -425,6 +439,15 @@ class Recipe(Strict):
 
     _source: Optional["RecipeSource"] = PrivateAttr(default=None)
 
+    @field_validator("output_dir")
+    @classmethod
+    def _a_directory_of_its_own(cls, value: str) -> str:
+        # fit starts over in output_dir: "" or "." would make the working
+        # directory (often the recipe's own folder) the run directory.
+        if value.strip() in ("", ".", "./") or Path(value).expanduser() == Path("."):
+            raise ValueError("must name a directory of its own for the run (e.g. runs/NAME), not '' or '.'")
+        return value
+
     @field_validator("device")
     @classmethod
     def _device(cls, value: str) -> str:
@@ -440,25 +463,39 @@ class Recipe(Strict):
         """A problem found after schema validation (e.g. an unknown layer), at its line."""
         return self.source.problem(loc, message)
 
+    def locate(self, err: SpecError) -> RecipeError:
+        """Located problems from a lower layer, as `file:line` problems of this recipe."""
+        return RecipeError(dict.fromkeys(self.problem(loc, message) for loc, message in err.issues))
+
+    @contextlib.contextmanager
+    def located(self):
+        """Turn a lower layer's `SpecError` into this recipe's `file:line` problems."""
+        try:
+            yield
+        except SpecError as err:
+            raise self.locate(err) from None
+
     def stage_plan(self) -> list[Stage]:
         """The stages with defaults filled in. Without `stages:`, one stage made
         of the recipe's own freeze, fine_tune and augment."""
         if not self.stages:
             source = "images" if self.augment is not None else "cache"
             return [Stage(0, "fit", self.freeze, self.fine_tune, self.augment, source, ())]
-        plan = []
+        plan: list[Stage] = []
         for i, spec in enumerate(self.stages):
-            overrides = spec.fine_tune.model_dump(exclude_none=True) if spec.fine_tune is not None else {}
-            if spec.epochs is not None:
-                overrides["epochs"] = spec.epochs
-            # Validated in _check_stages; a recipe that parsed has a valid merge.
-            ft = FineTuneSpec.model_validate({**self.fine_tune.model_dump(), **overrides})
-            freeze = spec.freeze if spec.freeze is not None else (plan[-1].freeze if plan else self.freeze)
+            # Validated in _check_semantics; a recipe that parsed has a valid merge.
+            ft = merged_fine_tune(self.fine_tune, spec)
+            if spec.freeze is not None:
+                freeze, freeze_loc = spec.freeze, ("stages", i, "freeze")
+            elif plan:
+                freeze, freeze_loc = plan[-1].freeze, plan[-1].freeze_loc
+            else:
+                freeze, freeze_loc = self.freeze, ("freeze",)
             source = spec.input
             if source == "auto":
                 moved = bool(plan) and freeze != plan[0].freeze
                 source = "images" if spec.augment is not None or moved else "cache"
-            plan.append(Stage(i, spec.name or f"stage{i + 1}", freeze, ft, spec.augment, source, ("stages", i)))
+            plan.append(Stage(i, spec.name or f"stage{i + 1}", freeze, ft, spec.augment, source, ("stages", i), freeze_loc))
         return plan
 
 
@@ -548,11 +585,8 @@ def _check_semantics(recipe: Recipe) -> list[Problem]:
     for i, spec in enumerate(recipe.stages):
         if spec.augment is not None and spec.input == "cache":
             problems.append(recipe.problem(("stages", i, "augment"), f"augmentation with input: cache: {cache_reason}"))
-        overrides = spec.fine_tune.model_dump(exclude_none=True) if spec.fine_tune is not None else {}
-        if spec.epochs is not None:
-            overrides["epochs"] = spec.epochs
         try:
-            FineTuneSpec.model_validate({**recipe.fine_tune.model_dump(), **overrides})
+            merged_fine_tune(recipe.fine_tune, spec)
         except ValidationError as err:
             for e in err.errors():
                 problems.append(recipe.problem(("stages", i, "fine_tune", *e["loc"]), str(e.get("ctx", {}).get("error", e["msg"]))))

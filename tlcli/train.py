@@ -17,32 +17,29 @@ state and stage restored from the last epoch's resume state.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from tlcli.checkpoint import finished, save_checkpoint, write_json_atomic
+from tlcli.build import Prepared, prepare
+from tlcli.checkpoint import save_checkpoint
 from tlcli.data import DataPlan, augmentation, loader, plan_data
-from tlcli.errors import RecipeError, RunError
+from tlcli.errors import SpecError
 from tlcli.features import FeatureCache, featurize
+from tlcli.optim import make_optimizer, make_scheduler
+from tlcli.plots import plot_curves
 from tlcli.progress import Reporter
-from tlcli.recipe import FineTuneSpec, Recipe, Stage, dump_recipe
-from tlcli.surgery import Prepared, prepare
+from tlcli.recipe import CacheSpec, DataSpec, EarlyStopping as EarlyStoppingSpec, FineTuneSpec, Recipe, Stage, dump_recipe
+from tlcli.rundir import CURVES, CheckpointMeta, ResumeState, RunDir, StageSummary
 from tlcli.zoo import resolve_device
 
-METRICS = "metrics.jsonl"
-TIMINGS = "timings.jsonl"
-RESUME = "resume"
+Batches = Iterator[tuple[list[torch.Tensor], torch.Tensor]]
 
 
 @dataclass
@@ -52,99 +49,23 @@ class FitResult:
     final: dict
     cache_key: Optional[str]
     seconds: float
-    stages: list[dict] = field(default_factory=list)
+    stages: list[StageSummary] = field(default_factory=list)
 
 
-# --------------------------------------------------------------------------- optimizer
+class FitHooks:
+    """Observers of a fit (tests, integrations). Each hook sees live objects: look, don't change."""
 
+    def on_train_epoch_end(self, stage: Stage, epoch: int, model: "StageModel") -> None:
+        """After an epoch's training pass, before validation; the model is still in train mode."""
 
-def block_of(param_name: str) -> str:
-    """The block a parameter belongs to, for discriminative learning rates:
-    the name up to its first numeric part (`blocks.5`, `layer4.1`,
-    `features.28`), else its top-level module (`conv_head`, `fc`)."""
-    parts = param_name.split(".")
-    for i, part in enumerate(parts[:-1]):
-        if part.isdigit():
-            return ".".join(parts[: i + 1])
-    return parts[0] if len(parts) > 1 else ""
-
-
-def _layer_lr(name: str, layer_lr: dict[str, float]) -> Optional[float]:
-    """The lr of the longest module name that contains this parameter."""
-    best = None
-    for module, lr in layer_lr.items():
-        if name.startswith(module + ".") and (best is None or len(module) > len(best[0])):
-            best = (module, lr)
-    return best[1] if best else None
-
-
-def param_groups(ft: FineTuneSpec, named_params: list[tuple[str, nn.Parameter]], layer_lr: dict[str, float]) -> list[dict]:
-    """One group per (lr, weight decay). `named_params` come in execution order.
-
-    - layer_decay: the block nearest the output trains at lr, each block
-      further down at lr * layer_decay^distance (fastai's slice, timm's layer decay);
-    - layer_lr (from fine_tune.layer_lr or an added layer's own lr) sets a
-      module's rate outright;
-    - norm weights and biases (1-d) take no weight decay unless decay_norm_and_bias.
-    """
-    blocks = list(dict.fromkeys(block_of(n) for n, _ in named_params))
-    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
-    names: dict[tuple[float, float], list[str]] = {}
-    for name, p in named_params:
-        lr = ft.lr
-        if ft.layer_decay is not None:
-            lr *= ft.layer_decay ** (len(blocks) - 1 - blocks.index(block_of(name)))
-        own = _layer_lr(name, layer_lr)
-        if own is not None:
-            lr = own
-        wd = ft.weight_decay if (ft.decay_norm_and_bias or p.ndim > 1) else 0.0
-        groups.setdefault((lr, wd), []).append(p)
-        names.setdefault((lr, wd), []).append(name)
-    return [{"params": ps, "lr": lr, "weight_decay": wd, "names": names[(lr, wd)]} for (lr, wd), ps in groups.items()]
-
-
-def make_optimizer(
-    ft: FineTuneSpec, named_params: list[tuple[str, nn.Parameter]], layer_lr: Optional[dict[str, float]] = None
-) -> torch.optim.Optimizer:
-    groups = param_groups(ft, named_params, layer_lr or {})
-    if ft.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=ft.lr, momentum=ft.momentum, nesterov=ft.nesterov)
-    if ft.optimizer == "rmsprop":
-        return torch.optim.RMSprop(groups, lr=ft.lr, momentum=ft.momentum)
-    if ft.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=ft.lr)
-    return torch.optim.AdamW(groups, lr=ft.lr)
-
-
-def lr_factor(ft: FineTuneSpec, epoch_progress: float) -> float:
-    """The multiplier on `lr` at a point in training, in epochs (fractional)."""
-    if epoch_progress < ft.warmup_epochs:
-        return epoch_progress / ft.warmup_epochs
-    if ft.schedule == "constant":
-        return 1.0
-    if ft.schedule == "step":
-        return ft.step_gamma ** int(epoch_progress // ft.step_epochs)
-    span = ft.epochs - ft.warmup_epochs
-    t = min(max((epoch_progress - ft.warmup_epochs) / span, 0.0), 1.0)
-    if ft.schedule == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * t))
-    # onecycle: up to lr over the first 30% (after any warmup), then cosine down to ~0.
-    if t < 0.3:
-        return 0.04 + 0.96 * (0.5 - 0.5 * math.cos(math.pi * t / 0.3))
-    return 0.5 * (1 + math.cos(math.pi * (t - 0.3) / 0.7))
-
-
-def make_scheduler(ft: FineTuneSpec, optimizer, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Stepped once per batch, so warmup and cosine are smooth within an epoch."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(ft, step / steps_per_epoch))
+    def on_stage_end(self, stage: Stage, net: nn.Module) -> None:
+        """After a stage, with the model it leaves (the best epoch's, with early stopping)."""
 
 
 # --------------------------------------------------------------------------- batches
 
 
-def cached_batches(
-    cache: FeatureCache, split: str, batch_size: int, generator: torch.Generator | None
-) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
+def cached_batches(cache: FeatureCache, split: str, batch_size: int, generator: torch.Generator | None) -> Batches:
     """Mini-batches from the cache, one shard in memory at a time. With a
     generator, shard order and rows within a shard are shuffled, reproducibly."""
     shards = cache.shards(split)
@@ -157,7 +78,7 @@ def cached_batches(
             yield [f[idx] for f in frontier], labels[idx]
 
 
-def image_batches(data) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
+def image_batches(data) -> Batches:
     for x, y in data:
         yield [x], y
 
@@ -193,7 +114,8 @@ class StageModel:
         return self.trainable(*inputs)
 
 
-def run_epoch(model, batches, device, optimizer=None, scheduler=None, ft: FineTuneSpec | None = None, task=None) -> dict:
+def run_epoch(model, batches: Batches, device, optimizer=None, scheduler=None, ft: FineTuneSpec | None = None) -> dict:
+    """One pass: training when an optimizer is given, else evaluation. Mean loss and accuracy."""
     training = optimizer is not None
     smoothing = ft.label_smoothing if ft and training else 0.0
     clip = ft.grad_clip if ft and training else None
@@ -218,54 +140,186 @@ def run_epoch(model, batches, device, optimizer=None, scheduler=None, ft: FineTu
             total_loss += loss.item() * len(labels)
             correct += (logits.argmax(1) == labels).sum().item()
             seen += len(labels)
-            if task is not None:
-                task.advance(len(labels))
     return {"loss": total_loss / max(seen, 1), "acc": correct / max(seen, 1), "n": seen}
 
 
-# --------------------------------------------------------------------------- resume state
+# --------------------------------------------------------------------------- early stopping
+
+
+def state_cpu(module: nn.Module) -> dict[str, torch.Tensor]:
+    # clone(): safetensors refuses tensors that share storage (tied weights, views).
+    return {k: v.detach().to("cpu").clone().contiguous() for k, v in module.state_dict().items()}
+
+
+class EarlyStopping:
+    """Watches a validation metric; remembers the best epoch's weights; says when to stop."""
+
+    def __init__(self, spec: Optional[EarlyStoppingSpec]):
+        self.spec = spec
+        self.best_value: Optional[float] = None
+        self.best_epoch = 0
+        self.bad_epochs = 0
+        self.stopped = False
+        self.best_state: Optional[dict[str, torch.Tensor]] = None
+
+    def update(self, row: dict, epoch: int, model: nn.Module) -> None:
+        if self.spec is None:
+            return
+        value, delta = row[self.spec.monitor], self.spec.min_delta
+        if self.best_value is None or (value > self.best_value + delta if self.spec.monitor == "val_acc"
+                                       else value < self.best_value - delta):
+            self.best_value, self.best_epoch, self.bad_epochs = value, epoch, 0
+            self.best_state = state_cpu(model)
+        else:
+            self.bad_epochs += 1
+        self.stopped = self.bad_epochs >= self.spec.patience
+
+    def restore(self, state: ResumeState, best_state: Optional[dict]) -> None:
+        self.best_value, self.best_epoch, self.bad_epochs = state.best_value, state.best_epoch, state.bad_epochs
+        self.stopped, self.best_state = state.stopped, best_state
+
+    def fields(self) -> dict:
+        return {"best_value": self.best_value, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs,
+                "stopped": self.stopped}
+
+
+# --------------------------------------------------------------------------- one stage
+
+
+@dataclass
+class FitContext:
+    """What every stage of one fit shares."""
+
+    run: RunDir
+    prepared: Prepared  # the model; each stage views it under its own split
+    plan: DataPlan
+    data: DataSpec
+    cache: CacheSpec
+    device: torch.device
+    reporter: Reporter
+    hooks: FitHooks
+
+
+@dataclass
+class StageRun:
+    """One stage, set up: its view of the model, its data, optimizer and schedule."""
+
+    stage: Stage
+    prepared: Prepared
+    model: StageModel
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    train_batches: Callable[[torch.Generator], Batches]
+    val_batches: Optional[Callable[[], Batches]]
+    cache: Optional[FeatureCache]
+    trainable_params: int
+
+
+def _setup_stage(ctx: FitContext, stage: Stage) -> StageRun:
+    ft = stage.fine_tune
+    prepared = ctx.prepared.for_stage(stage)
+    on_images = stage.input == "images"
+    cache = None if on_images else featurize(prepared, ctx.plan, ctx.device, ctx.cache, ctx.data, ctx.reporter)
+    model = StageModel(prepared, on_images, ctx.device, ft.train_bn)
+    _apply_dropout(prepared.model, model.transfer.frozen_modules, ft.dropout)
+    params = [(n, p) for n, p in prepared.model.named_parameters() if p.requires_grad]
+    if not params:
+        raise SpecError([(stage.freeze_loc, "everything is frozen: there is nothing left to train")])
+    optimizer = make_optimizer(ft, params, {**prepared.layer_lr, **ft.layer_lr})
+    splits, workers = ctx.plan.splits, ctx.data.num_workers
+    if on_images:
+        augment = augmentation(stage.augment, prepared.preprocess) if stage.augment is not None else None
+        steps = math.ceil(len(splits["train"]) / ft.batch_size)
+        train = lambda g: image_batches(loader(splits["train"], prepared.preprocess, ft.batch_size, workers, augment, g))
+        val = lambda: image_batches(loader(splits["val"], prepared.preprocess, 256, workers))
+    else:
+        steps = sum(math.ceil(rows / ft.batch_size) for rows in cache.shard_rows("train"))
+        train = lambda g: cached_batches(cache, "train", ft.batch_size, g)
+        val = lambda: cached_batches(cache, "val", 1024, None)
+    scheduler = make_scheduler(ft, optimizer, max(steps, 1))
+    return StageRun(stage, prepared, model, optimizer, scheduler, train, val if splits.get("val") else None, cache,
+                    sum(p.numel() for _, p in params))
+
+
+def _apply_dropout(model: nn.Module, frozen_modules: list[str], p: Optional[float]) -> None:
+    if p is None:
+        return
+    frozen = set(frozen_modules)
+    inside_frozen = tuple(f + "." for f in frozen_modules)
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Dropout) and name not in frozen and not name.startswith(inside_frozen):
+            m.p = p
 
 
 def epoch_seed(seed: int, stage: int, epoch: int) -> int:
     return (seed * 1_000_003 + stage * 10_007 + epoch) % (2**63)
 
 
-def _state_cpu(module: nn.Module) -> dict[str, torch.Tensor]:
-    # clone(): safetensors refuses tensors that share storage (tied weights, views).
-    return {k: v.detach().to("cpu").clone().contiguous() for k, v in module.state_dict().items()}
+def _one_epoch(ctx: FitContext, sr: StageRun, epoch: int) -> dict:
+    """Train one epoch, then validate; the metrics row."""
+    ft = sr.stage.fine_tune
+    seed = epoch_seed(ft.seed, sr.stage.index, epoch)
+    torch.manual_seed(seed)  # dropout, augmentation (in-process)
+    lr = max(g["lr"] for g in sr.optimizer.param_groups)
+    train = run_epoch(sr.model, sr.train_batches(torch.Generator().manual_seed(seed)), ctx.device,
+                      sr.optimizer, sr.scheduler, ft)
+    ctx.hooks.on_train_epoch_end(sr.stage, epoch, sr.model)
+    row = {"stage": sr.stage.name, "epoch": epoch, "train_loss": train["loss"], "train_acc": train["acc"], "lr": lr}
+    if sr.val_batches is not None:
+        val = run_epoch(sr.model, sr.val_batches(), ctx.device)
+        row.update(val_loss=val["loss"], val_acc=val["acc"])
+    return row
 
 
-def save_resume(run_dir: Path, state: dict, model: nn.Module, optimizer=None, scheduler=None, best=None) -> None:
-    """Epoch-tagged files first, then `state.json` naming them (atomic), then
-    the old files go. A kill at any point leaves a consistent previous state."""
-    d = run_dir / RESUME
-    d.mkdir(parents=True, exist_ok=True)
-    tag = f"s{state['stage']}-e{state['epoch']:04d}"
-    files = {"model": f"model-{tag}.safetensors"}
-    _atomic(lambda p: save_file(_state_cpu(model), str(p)), d / files["model"])
-    if optimizer is not None:
-        files["optim"] = f"optim-{tag}.pt"
-        _atomic(lambda p: torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, p), d / files["optim"])
-    if best is not None:
-        files["best"] = f"best-{tag}.safetensors"
-        _atomic(lambda p: save_file(best, str(p)), d / files["best"])
-    write_json_atomic(d / "state.json", {**state, "files": files})
-    for f in d.iterdir():
-        if f.name != "state.json" and f.name not in files.values():
-            f.unlink(missing_ok=True)
+def _restore_stage(ctx: FitContext, sr: StageRun, es: EarlyStopping, state: Optional[ResumeState]) -> int:
+    """Optimizer, schedule and early stopping as they were after the saved epoch; the next epoch."""
+    if state is None or state.epoch == 0:
+        return 1
+    saved = ctx.run.resume_object(state, "optim")
+    sr.optimizer.load_state_dict(saved["optimizer"])
+    sr.scheduler.load_state_dict(saved["scheduler"])
+    es.restore(state, ctx.run.resume_tensors(state, "best"))
+    return state.epoch + 1
 
 
-def _atomic(write, path: Path) -> None:
-    part = path.with_name(path.name + ".part")
-    write(part)
-    os.replace(part, path)
+def _fit_stage(ctx: FitContext, stage: Stage, state: Optional[ResumeState], rows: int,
+               summaries: list[StageSummary]) -> tuple[int, dict, StageRun, StageSummary]:
+    """Run one stage's epochs; (rows written, last row, the stage, its summary)."""
+    sr = _setup_stage(ctx, stage)
+    es = EarlyStopping(stage.fine_tune.early_stopping)
+    first = _restore_stage(ctx, sr, es, state)
+    last_row: dict = {}
+    epochs_run = first - 1
+    tag = f"{stage.name} ({stage.input}) " if stage.loc or stage.input == "images" else ""
+    with ctx.reporter.task(f"fit {tag}".strip(), total=stage.fine_tune.epochs, unit="epoch") as task, \
+            ctx.run.epoch_log() as log:
+        task.advance(first - 1)
+        for epoch in range(first, stage.fine_tune.epochs + 1):
+            if es.stopped:
+                break
+            started = time.perf_counter()
+            last_row = _one_epoch(ctx, sr, epoch)
+            log.write(last_row, time.perf_counter() - started)
+            rows, epochs_run = rows + 1, epoch
+            es.update(last_row, epoch, sr.prepared.model)
+            state_now = ResumeState(stage=stage.index, epoch=epoch, rows=rows, summaries=summaries, **es.fields())
+            _save_resume(ctx.run, state_now, sr, es)
+            status = f"loss {last_row['train_loss']:.4f}" + (f"  val_acc {last_row['val_acc']:.4f}" if "val_acc" in last_row else "")
+            task.advance(1, status=status + ("  early stop" if es.stopped else ""))
+    if es.best_state is not None:
+        # Early stopping keeps the best epoch's model, not the last one.
+        sr.prepared.model.load_state_dict(es.best_state, strict=True)
+    ctx.hooks.on_stage_end(stage, sr.prepared.model)
+    summary = StageSummary(name=stage.name, input=stage.input, frontier=sr.prepared.split.frontier_names,
+                           epochs_run=epochs_run, best_epoch=es.best_epoch or None, trainable_params=sr.trainable_params)
+    return rows, last_row, sr, summary
 
 
-def read_resume(run_dir: Path) -> Optional[dict]:
-    try:
-        return json.loads((run_dir / RESUME / "state.json").read_text())
-    except (OSError, ValueError):
-        return None
+def _save_resume(run: RunDir, state: ResumeState, sr: StageRun, es: EarlyStopping) -> None:
+    tensors = {"model": state_cpu(sr.prepared.model)}
+    if es.best_state is not None:
+        tensors["best"] = es.best_state
+    run.save_resume(state, tensors, {"optim": {"optimizer": sr.optimizer.state_dict(), "scheduler": sr.scheduler.state_dict()}})
 
 
 # --------------------------------------------------------------------------- fit
@@ -280,241 +334,71 @@ def _saved_recipe(recipe: Recipe) -> str:
     return dump_recipe(recipe)
 
 
-def _check_run_dir(recipe: Recipe, run_dir: Path, force: bool, resume: bool) -> Optional[dict]:
-    state = read_resume(run_dir)
-    if resume:
-        if finished(run_dir):
-            raise RunError(f"{run_dir} holds a finished run; nothing to resume (pass --force to train it again)")
-        if state is None:
-            raise RunError(f"{run_dir}: no interrupted run to resume (no {RESUME}/state.json); run tl fit without --resume")
-        saved = (run_dir / "recipe.yaml").read_text() if (run_dir / "recipe.yaml").is_file() else None
-        if saved != _saved_recipe(recipe):
-            raise RunError(f"{run_dir}: the recipe changed since this run started; resume needs the same recipe "
-                           "(pass --force to start over)")
-        return state
-    if force:
-        return None
-    if finished(run_dir):
-        raise RunError(f"{run_dir} already holds a finished run; pass --force to overwrite it")
-    if state is not None:
-        raise RunError(f"{run_dir} holds an interrupted run (stage {state['stage'] + 1}, epoch {state['epoch']}); "
-                       "pass --resume to continue it or --force to start over")
-    return None
+def _check_output_dir(recipe: Recipe) -> None:
+    """The run directory must not hold the recipe itself: starting over would write over it."""
+    source = Path(recipe.source.name)
+    out = Path(recipe.output_dir).expanduser().resolve()
+    if source.is_file() and out in (source.resolve().parent, *source.resolve().parents):
+        raise SpecError([(("output_dir",), f"{recipe.output_dir} holds this recipe file; fit would write over it: "
+                                           "choose a directory of its own (e.g. runs/NAME)")])
 
 
-def fit(recipe: Recipe, reporter: Reporter = Reporter(), force: bool = False, resume: bool = False) -> FitResult:
-    run_dir = Path(recipe.output_dir)
-    state = _check_run_dir(recipe, run_dir, force, resume)
+def _check_plan(stages: list[Stage], plan: DataPlan) -> None:
+    """Cross-checks between the stages and the data, before anything is written."""
+    issues = [(s.fine_tune_loc("early_stopping"), "early stopping watches the validation split; set data.split.val > 0")
+              for s in stages if s.fine_tune.early_stopping is not None and not plan.splits.get("val")]
+    if issues:
+        raise SpecError(issues)
+
+
+def fit(recipe: Recipe, reporter: Reporter = Reporter(), force: bool = False, resume: bool = False,
+        hooks: FitHooks = FitHooks()) -> FitResult:
     started = time.perf_counter()
-    device = resolve_device(recipe.device)
-    plan = plan_data(recipe)
+    run = RunDir(recipe.output_dir)
+    recipe_text = _saved_recipe(recipe)
+    with recipe.located():
+        _check_output_dir(recipe)
+    state = run.check_for_fit(recipe_text, force, resume)
     stages = recipe.stage_plan()
-    prepared = prepare(recipe, plan.class_names)
-    for s in stages:
-        if s.fine_tune.early_stopping is not None and not plan.splits.get("val"):
-            loc = (*s.loc, "fine_tune", "early_stopping") if s.loc else ("fine_tune", "early_stopping")
-            raise RecipeError([recipe.problem(loc, "early stopping watches the validation split; set data.split.val > 0")])
+    with recipe.located():
+        device = resolve_device(recipe.device)
+        plan = plan_data(recipe.data)
+        prepared = prepare(recipe, plan.class_names)
+        _check_plan(stages, plan)
+        ctx = FitContext(run, prepared, plan, recipe.data, recipe.cache, device, reporter, hooks)
+        if state is None:
+            run.start(recipe_text)
+        else:
+            # The model as it was after the saved epoch (or stage); _fit_stage restores the rest.
+            prepared.model.load_state_dict(run.resume_tensors(state, "model"), strict=True)
+            run.rewind_logs(state.rows)
+            reporter.info(f"resuming {run} at stage {state.stage + 1}, after epoch {state.epoch}")
+        summaries, last_row, cache_key = _fit_stages(ctx, stages, state)
+    final = prepared.for_stage(stages[-1]).transfer_model().to("cpu")
+    save_checkpoint(run, final, CheckpointMeta(
+        model=recipe.base.describe(), head_layer=prepared.head_layer, class_names=plan.class_names,
+        preprocess=prepared.preprocess.to_dict(), frontier=prepared.splits[stages[-1].index].frontier_names,
+        cache_key=cache_key, data_fingerprint=plan.fingerprint(), stages=summaries,
+        frozen_modules=final.frozen_modules, frozen_attrs=final.frozen_attrs,
+    ))
+    plot_curves(run.metrics(), run / CURVES)
+    epochs = sum(s.epochs_run for s in summaries)
+    return FitResult(run.path, epochs, last_row, cache_key, time.perf_counter() - started, summaries)
 
-    if state is None:
-        if run_dir.exists():
-            # Starting over: nothing of the old run may be mistaken for this one's.
-            for name in (RESUME, "checkpoint.json", "model.safetensors", METRICS, TIMINGS, "curves.png", "eval"):
-                p = run_dir / name
-                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "recipe.yaml").write_text(_saved_recipe(recipe))
-        (run_dir / METRICS).write_text("")
-        (run_dir / TIMINGS).write_text("")
-        start_stage = 0
-    else:
-        start_stage = state["stage"]
-        # The model as it was after the saved epoch (or stage); _fit_stage restores the rest.
-        prepared.model.load_state_dict(load_file(str(run_dir / RESUME / state["files"]["model"])), strict=True)
-        # Drop metrics rows written after the saved epoch (the killed epoch's, if any).
-        for name in (METRICS, TIMINGS):
-            rows = (run_dir / name).read_text().splitlines()[: state["rows"]]
-            (run_dir / name).write_text("".join(r + "\n" for r in rows))
-        reporter.info(f"resuming {run_dir} at stage {start_stage + 1}, after epoch {state['epoch']}")
 
-    rows_written = state["rows"] if state else 0
-    summaries: list[dict] = list(state.get("summaries", [])) if state else []
+def _fit_stages(ctx: FitContext, stages: list[Stage], state: Optional[ResumeState]):
+    """Every stage from the resumed one on; (summaries, last metrics row, cache key)."""
+    rows = state.rows if state else 0
+    summaries = list(state.summaries) if state else []
     last_row: dict = {}
     cache_key = None
-    for stage in stages[start_stage:]:
-        resume_here = state if state is not None and state["stage"] == stage.index else None
-        outcome = _fit_stage(recipe, stage, prepared, plan, device, reporter, run_dir, resume_here, rows_written, summaries)
-        rows_written, last_row = outcome["rows"], outcome["last_row"] or last_row
-        cache_key = outcome["cache_key"] or cache_key
-        summaries.append(outcome["summary"])
-        state = None
+    for stage in stages[state.stage if state else 0:]:
+        here = state if state is not None and state.stage == stage.index else None
+        rows, row, sr, summary = _fit_stage(ctx, stage, here, rows, summaries)
+        last_row = row or last_row
+        cache_key = sr.cache.key if sr.cache is not None else cache_key
+        summaries.append(summary)
         # The stage is done: a resume from here starts the next stage with this model.
-        save_resume(run_dir, {"stage": stage.index + 1, "epoch": 0, "rows": rows_written, "summaries": summaries},
-                    prepared.model)
-
-    final = prepared.for_freeze(recipe, stages[-1].freeze)
-    transfer = final.transfer_model()
-    transfer.to("cpu")
-    save_checkpoint(run_dir, transfer, {
-        "model": recipe.base.describe(),
-        "head_layer": prepared.head_layer,
-        "class_names": plan.class_names,
-        "preprocess": prepared.preprocess.to_dict(),
-        "frontier": final.split.frontier_names,
-        "cache_key": cache_key,
-        "data_fingerprint": plan.fingerprint(),
-        "stages": summaries,
-    })
-    shutil.rmtree(run_dir / RESUME, ignore_errors=True)
-    plot_curves(run_dir / METRICS, run_dir / "curves.png")
-    epochs = sum(s["epochs_run"] for s in summaries)
-    return FitResult(run_dir, epochs, last_row, cache_key, time.perf_counter() - started, summaries)
-
-
-def _apply_dropout(model: nn.Module, frozen_modules: list[str], p: Optional[float]) -> None:
-    if p is None:
-        return
-    frozen = set(frozen_modules)
-    inside_frozen = tuple(f + "." for f in frozen_modules)
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Dropout) and name not in frozen and not name.startswith(inside_frozen):
-            m.p = p
-
-
-def _fit_stage(recipe: Recipe, stage: Stage, base: Prepared, plan: DataPlan, device, reporter: Reporter,
-               run_dir: Path, state: Optional[dict], rows_written: int, summaries: list[dict]) -> dict:
-    ft = stage.fine_tune
-    prepared = base.for_freeze(recipe, stage.freeze)
-    on_images = stage.input == "images"
-    cache = None if on_images else featurize(recipe, prepared, plan, device, reporter)
-    model = StageModel(prepared, on_images, device, ft.train_bn)
-    _apply_dropout(prepared.model, model.transfer.frozen_modules, ft.dropout)
-    params = [(n, p) for n, p in prepared.model.named_parameters() if p.requires_grad]
-    if not params:
-        loc = (*stage.loc, "freeze") if stage.loc else ("freeze",)
-        raise RecipeError([recipe.problem(loc, "everything is frozen: there is nothing left to train")])
-    optimizer = make_optimizer(ft, params, {**base.layer_lr, **ft.layer_lr})
-    if on_images:
-        steps_per_epoch = math.ceil(len(plan.splits["train"]) / ft.batch_size)
-        augment = augmentation(stage.augment, prepared.preprocess) if stage.augment is not None else None
-    else:
-        steps_per_epoch = sum(math.ceil(s["rows"] / ft.batch_size) for s in cache.manifest["splits"]["train"]["shards"])
-        augment = None
-    scheduler = make_scheduler(ft, optimizer, max(steps_per_epoch, 1))
-    has_val = bool(plan.splits.get("val"))
-    es = ft.early_stopping
-    best_value, best_epoch, best_state, bad_epochs, first_epoch = None, 0, None, 0, 1
-    if state is not None and state["epoch"] > 0:
-        files = state["files"]
-        saved = torch.load(run_dir / RESUME / files["optim"], weights_only=True)
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        best_value, best_epoch, bad_epochs = state["best_value"], state["best_epoch"], state["bad_epochs"]
-        best_state = load_file(str(run_dir / RESUME / files["best"])) if "best" in files else None
-        first_epoch = state["epoch"] + 1
-
-    stage_tag = f"{stage.name} ({'images' if on_images else 'cache'}) " if recipe.stages or on_images else ""
-    last_row: dict = {}
-    epoch = first_epoch - 1
-    stopped = False
-    if state is not None and state.get("stopped"):
-        stopped = True
-    with reporter.task(f"fit {stage_tag}".strip(), total=ft.epochs, unit="epoch") as task, \
-            open(run_dir / METRICS, "a") as log, open(run_dir / TIMINGS, "a") as timing_log:
-        task.advance(first_epoch - 1)
-        for epoch in range(first_epoch, ft.epochs + 1):
-            if stopped:
-                break
-            t0 = time.perf_counter()
-            seed = epoch_seed(ft.seed, stage.index, epoch)
-            torch.manual_seed(seed)  # dropout, augmentation (in-process)
-            shuffle = torch.Generator().manual_seed(seed)
-            lr = max(g["lr"] for g in optimizer.param_groups)
-            if on_images:
-                train_batches = image_batches(loader(plan.splits["train"], prepared.preprocess, ft.batch_size,
-                                                     recipe.data.num_workers, augment, shuffle))
-            else:
-                train_batches = cached_batches(cache, "train", ft.batch_size, shuffle)
-            train = run_epoch(model, train_batches, device, optimizer, scheduler, ft)
-            row = {"stage": stage.name, "epoch": epoch, "train_loss": train["loss"], "train_acc": train["acc"], "lr": lr}
-            if has_val:
-                if on_images:
-                    val_batches = image_batches(loader(plan.splits["val"], prepared.preprocess, 256, recipe.data.num_workers))
-                else:
-                    val_batches = cached_batches(cache, "val", 1024, None)
-                val = run_epoch(model, val_batches, device)
-                row.update(val_loss=val["loss"], val_acc=val["acc"])
-            # Wall time varies run to run; it goes to its own file so that
-            # metrics.jsonl is identical for identical seeds.
-            log.write(json.dumps(row) + "\n")
-            log.flush()
-            timing_log.write(json.dumps({"stage": stage.name, "epoch": epoch, "seconds": round(time.perf_counter() - t0, 4)}) + "\n")
-            timing_log.flush()
-            rows_written += 1
-            last_row = row
-            if es is not None:
-                value = row[es.monitor]
-                better = best_value is None or (
-                    value > best_value + es.min_delta if es.monitor == "val_acc" else value < best_value - es.min_delta
-                )
-                if better:
-                    best_value, best_epoch, bad_epochs = value, epoch, 0
-                    best_state = _state_cpu(prepared.model)
-                else:
-                    bad_epochs += 1
-                stopped = bad_epochs >= es.patience
-            save_resume(
-                run_dir,
-                {"stage": stage.index, "epoch": epoch, "rows": rows_written, "best_value": best_value,
-                 "best_epoch": best_epoch, "bad_epochs": bad_epochs, "stopped": stopped, "summaries": summaries},
-                prepared.model, optimizer, scheduler, best_state,
-            )
-            status = f"loss {row['train_loss']:.4f}" + (f"  val_acc {row['val_acc']:.4f}" if has_val else "")
-            task.advance(1, status=status + ("  early stop" if stopped else ""))
-    if best_state is not None:
-        # Early stopping keeps the best epoch's model, not the last one.
-        prepared.model.load_state_dict(best_state, strict=True)
-    return {
-        "rows": rows_written,
-        "last_row": last_row,
-        "cache_key": cache.key if cache is not None else None,
-        "summary": {
-            "name": stage.name,
-            "input": stage.input,
-            "frontier": prepared.split.frontier_names,
-            "epochs_run": epoch,
-            "best_epoch": best_epoch or None,
-            "trainable_params": sum(p.numel() for _, p in params),
-        },
-    }
-
-
-def plot_curves(metrics_path: Path, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    if not rows:
-        return
-    x = list(range(1, len(rows) + 1))  # epochs counted across stages
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot(x, [r["train_loss"] for r in rows], label="train")
-    ax_acc.plot(x, [r["train_acc"] for r in rows], label="train")
-    if "val_loss" in rows[0]:
-        ax_loss.plot(x, [r["val_loss"] for r in rows], label="val")
-        ax_acc.plot(x, [r["val_acc"] for r in rows], label="val")
-    # Mark where each later stage starts.
-    for i in range(1, len(rows)):
-        if rows[i].get("stage") != rows[i - 1].get("stage"):
-            for ax in (ax_loss, ax_acc):
-                ax.axvline(x[i] - 0.5, color="grey", linestyle="--", linewidth=0.8)
-                ax.text(x[i] - 0.4, ax.get_ylim()[1], rows[i]["stage"], va="top", fontsize=8, color="grey")
-    for ax, title in ((ax_loss, "loss"), (ax_acc, "accuracy")):
-        ax.set_xlabel("epoch")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+        ctx.run.save_resume(ResumeState(stage=stage.index + 1, epoch=0, rows=rows, summaries=summaries),
+                            {"model": state_cpu(ctx.prepared.model)}, {})
+    return summaries, last_row, cache_key

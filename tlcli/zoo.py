@@ -8,57 +8,28 @@ comes from the model's (or its weights') own config, never from the recipe.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import urllib.error
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import nn
 
-from tlcli.errors import TLError, WeightsError
-from tlcli.recipe import BaseSpec, Recipe
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """How a raw image becomes the model's input tensor.
-
-    mode `squash` resizes the whole image to size x size; `center_crop` resizes
-    the shorter side to `resize` and crops the centre size x size.
-    """
-
-    size: int
-    resize: int
-    mode: str
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    interpolation: str
-    channels: int = 3  # 1 when an input preprocessor in the model repeats grey to RGB
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Preprocess":
-        return cls(**{**d, "mean": tuple(d["mean"]), "std": tuple(d["std"])})
-
-    def with_size(self, size: Optional[int]) -> "Preprocess":
-        if size is None or size == self.size:
-            return self
-        return Preprocess(
-            size, round(self.resize * size / self.size), self.mode, self.mean, self.std, self.interpolation, self.channels
-        )
+from tlcli.errors import TLError, WeightsError, did_you_mean
+from tlcli.files import file_digest
+from tlcli.preprocess import Preprocess
+from tlcli.recipe import BaseSpec
 
 
 @dataclass
-class BaseModel:
+class ZooModel:
+    """A zoo model with its weights loaded, in eval mode."""
+
     model: nn.Module
     preprocess: Preprocess
-    classifier: str  # dotted module name of the layer a new head replaces
     source_classes: Optional[list[str]]  # e.g. ImageNet names, when the weights have them
 
 
@@ -141,14 +112,6 @@ def load_embedded_lite0(model: nn.Module) -> None:
 # --------------------------------------------------------------------------- files and downloads
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """A state dict from .safetensors or a torch file, never unpickling code."""
     if path.suffix == ".safetensors":
@@ -171,7 +134,7 @@ def load_file_weights(model: nn.Module, file: str, sha256: Optional[str]) -> Non
     if not path.is_file():
         raise WeightsError(f"{path}: weights file not found")
     if sha256:
-        actual = sha256_of(path)
+        actual = file_digest(path, "sha256", None)
         if actual != sha256:
             raise WeightsError(f"{path}: sha256 is {actual}, the recipe expects {sha256}")
     state = read_state_dict(path)
@@ -224,8 +187,6 @@ def torchvision_weights(model_name: str, name: str):
     try:
         return enum[member] if member != "DEFAULT" else enum.DEFAULT
     except KeyError:
-        from tlcli.errors import did_you_mean
-
         choices = list(enum.__members__) + ["DEFAULT"]
         raise WeightsError(
             f"unknown weights '{name}' for {model_name}{did_you_mean(member, choices)} (available: {', '.join(choices)})"
@@ -268,94 +229,79 @@ def model_names(zoo: str) -> list[str]:
     return sorted(TL_MODELS)
 
 
-def build_base(base: BaseSpec, load_weights: bool = True) -> BaseModel:
+def _build_timm(base: BaseSpec, load_weights: bool) -> ZooModel:
+    import timm
+
+    w = base.weights
+    model = timm.create_model(base.model, pretrained=False)
+    cfg = timm.data.resolve_data_config({}, model=model)
+    crop = float(cfg.get("crop_pct", 1.0))
+    size = int(cfg["input_size"][-1])
+    preprocess = Preprocess(size, int(size / crop), "center_crop", tuple(cfg["mean"]), tuple(cfg["std"]), cfg["interpolation"])
+    if w.name == "embedded":
+        if base.model != EMBEDDED_ARCH:
+            raise WeightsError(f"the embedded weights are {EMBEDDED_ARCH}'s, not {base.model}'s")
+        if load_weights:
+            load_embedded_lite0(model)
+        return ZooModel(model, EMBEDDED_PREPROCESS, imagenet_class_names())
+    if w.file:
+        if load_weights:
+            load_file_weights(model, w.file, w.sha256)
+    elif not w.is_random:
+        raise WeightsError(
+            f"weights '{w.name}' for a timm model: use 'embedded' (tf_efficientnet_lite0), 'none' or {{file: PATH}}"
+        )
+    return ZooModel(model, preprocess, None)
+
+
+def _build_torchvision(base: BaseSpec, load_weights: bool) -> ZooModel:
+    from torchvision.models import get_model
+
+    w = base.weights
+    model = get_model(base.model, weights=None)
+    # The enum's transforms describe the model's preprocessing even when the
+    # weights themselves are not used, and reading them downloads nothing.
+    weights = torchvision_weights(base.model, w.name if w.name and not w.is_random else "DEFAULT")
+    preprocess = torchvision_preprocess(weights)
+    if w.name == "embedded":
+        raise WeightsError("the embedded weights are for zoo: timm, model: tf_efficientnet_lite0")
+    if w.file:
+        if load_weights:
+            load_file_weights(model, w.file, w.sha256)
+    elif not w.is_random and load_weights:
+        path = fetch_checkpoint(weights.url, hub_checkpoint_path(weights.url))
+        model.load_state_dict(read_state_dict(path), strict=True)
+        return ZooModel(model, preprocess, list(weights.meta.get("categories") or []) or None)
+    return ZooModel(model, preprocess, None)
+
+
+def _build_tl(base: BaseSpec, load_weights: bool) -> ZooModel:
+    from tlcli.models import TL_MODELS
+
+    w = base.weights
+    model, preprocess = TL_MODELS[base.model]()
+    if w.file:
+        if load_weights:
+            load_file_weights(model, w.file, w.sha256)
+    elif not w.is_random:
+        raise WeightsError(f"zoo: tl models take weights 'none' or {{file: PATH}}, not '{w.name}'")
+    return ZooModel(model, preprocess, None)
+
+
+_BUILDERS = {"timm": _build_timm, "torchvision": _build_torchvision, "tl": _build_tl}
+
+
+def build_base(base: BaseSpec, load_weights: bool = True) -> ZooModel:
     """The base model with its weights loaded and in eval mode.
 
     With load_weights=False only the architecture is built (a checkpoint will
     supply every tensor), but the preprocessing and the checks still follow
     the recipe's weights: they define the input the model was trained on.
     """
-    w = base.weights
-    if base.zoo == "timm":
-        import timm
-
-        model = timm.create_model(base.model, pretrained=False)
-        cfg = timm.data.resolve_data_config({}, model=model)
-        crop = float(cfg.get("crop_pct", 1.0))
-        size = int(cfg["input_size"][-1])
-        preprocess = Preprocess(size, int(size / crop), "center_crop", tuple(cfg["mean"]), tuple(cfg["std"]), cfg["interpolation"])
-        classifier = model.pretrained_cfg.get("classifier", "classifier")
-        source_classes = None
-        if w.name == "embedded":
-            if base.model != EMBEDDED_ARCH:
-                raise WeightsError(f"the embedded weights are {EMBEDDED_ARCH}'s, not {base.model}'s")
-            if load_weights:
-                load_embedded_lite0(model)
-            preprocess, source_classes = EMBEDDED_PREPROCESS, imagenet_class_names()
-        elif w.file:
-            if load_weights:
-                load_file_weights(model, w.file, w.sha256)
-        elif not w.is_random:
-            raise WeightsError(
-                f"weights '{w.name}' for a timm model: use 'embedded' (tf_efficientnet_lite0), 'none' or {{file: PATH}}"
-            )
-    elif base.zoo == "torchvision":
-        from torchvision.models import get_model
-
-        model = get_model(base.model, weights=None)
-        # The enum's transforms describe the model's preprocessing even when the
-        # weights themselves are not used, and reading them downloads nothing.
-        weights = torchvision_weights(base.model, w.name if w.name and not w.is_random else "DEFAULT")
-        preprocess = torchvision_preprocess(weights)
-        classifier = last_linear(model)
-        source_classes = None
-        if w.file:
-            if load_weights:
-                load_file_weights(model, w.file, w.sha256)
-        elif w.name == "embedded":
-            raise WeightsError("the embedded weights are for zoo: timm, model: tf_efficientnet_lite0")
-        elif not w.is_random and load_weights:
-            path = fetch_checkpoint(weights.url, hub_checkpoint_path(weights.url))
-            model.load_state_dict(read_state_dict(path), strict=True)
-            source_classes = list(weights.meta.get("categories") or []) or None
-    else:
-        from tlcli.models import TL_MODELS
-
-        model, preprocess = TL_MODELS[base.model]()
-        classifier = last_linear(model)
-        source_classes = None
-        if w.file:
-            if load_weights:
-                load_file_weights(model, w.file, w.sha256)
-        elif not w.is_random:
-            raise WeightsError(f"zoo: tl models take weights 'none' or {{file: PATH}}, not '{w.name}'")
-    model.eval()
-    return BaseModel(model, preprocess.with_size(base.input_size), classifier, source_classes)
-
-
-def last_linear(model: nn.Module) -> str:
-    names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not names:
-        raise WeightsError(f"{type(model).__name__} has no Linear layer to use as its classifier; name head.layer")
-    return names[-1]
-
-
-def get_submodule_parent(model: nn.Module, dotted: str) -> tuple[nn.Module, str]:
-    parent_name, _, leaf = dotted.rpartition(".")
-    return (model.get_submodule(parent_name) if parent_name else model), leaf
-
-
-def init_layer(layer: nn.Module, init: str, generator: torch.Generator) -> None:
-    """Fresh weights for a new or resized layer; biases start at zero."""
-    weight = layer.weight
-    if init == "xavier":
-        nn.init.xavier_uniform_(weight, generator=generator)
-    elif init == "kaiming":
-        nn.init.kaiming_normal_(weight, nonlinearity="relu", generator=generator)
-    else:
-        nn.init.normal_(weight, std=0.01, generator=generator)
-    if getattr(layer, "bias", None) is not None:
-        nn.init.zeros_(layer.bias)
+    zoo = _BUILDERS[base.zoo](base, load_weights)
+    zoo.model.eval()
+    zoo.preprocess = zoo.preprocess.with_size(base.input_size)
+    return zoo
 
 
 def resolve_device(spec: str, cuda_available: Optional[bool] = None) -> torch.device:

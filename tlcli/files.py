@@ -1,0 +1,43 @@
+"""Writing files so that a kill never leaves half of one, and hashing them in chunks.
+
+Every file tl writes goes through `atomic_write`: the bytes land in a
+`.part` file beside the target, which is then renamed over it. A reader sees
+the old file or the new one, never a torn one. Imports no torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+
+def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
+    """Call `write(part_path)`, then rename the part file onto `path`."""
+    path = Path(path)
+    part = path.with_name(path.name + ".part")
+    try:
+        write(part)
+        os.replace(part, path)
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=1))
+
+
+def file_digest(path: str | Path, algorithm: str = "blake2b", digest_size: int | None = 16) -> str:
+    """The hex digest of a file's bytes, read 1 MiB at a time."""
+    h = hashlib.blake2b(digest_size=digest_size) if algorithm == "blake2b" else hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,296 @@
+"""The run directory: the one owner of every file a run writes, and of how each is read back.
+
+    RUN_DIR/
+      tl-run.json          the marker, written first: tl replaces only directories that carry it
+      recipe.yaml          the resolved recipe, defaults filled in
+      metrics.jsonl        one row per epoch (identical for identical seeds)
+      timings.jsonl        wall time per epoch (kept apart so that metrics stay identical)
+      curves.png
+      resume/state.json    the last finished epoch; the files it names sit beside it
+      model.safetensors    the full state dict, frozen part included
+      checkpoint.json      written last: its presence marks a finished run
+      eval/                what `tl evaluate` writes
+
+Every write is atomic (`files.atomic_write`). The JSON files are parsed with
+pydantic models, so a damaged run is one line that names the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from tlcli import __version__
+from tlcli.errors import RunError
+from tlcli.files import atomic_write, write_json_atomic, write_text_atomic
+
+MARKER = "tl-run.json"
+RECIPE = "recipe.yaml"
+METRICS = "metrics.jsonl"
+TIMINGS = "timings.jsonl"
+CURVES = "curves.png"
+WEIGHTS = "model.safetensors"
+CHECKPOINT = "checkpoint.json"
+RESUME = "resume"
+STATE = "state.json"
+EVAL = "eval"
+EVAL_METRICS = "metrics.json"
+EVAL_CONFUSION = "confusion_matrix.json"
+EVAL_CONFUSION_PLOT = "confusion_matrix.png"
+# What `fit --force` may delete: only what tl itself writes into a run directory.
+OWNED = (MARKER, RECIPE, METRICS, TIMINGS, CURVES, WEIGHTS, CHECKPOINT, RESUME, EVAL)
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class StageSummary(_Record):
+    """What one finished stage did."""
+
+    name: str
+    input: str
+    frontier: list[str]
+    epochs_run: int
+    best_epoch: Optional[int] = None
+    trainable_params: int
+
+
+class ResumeState(_Record):
+    """The last finished epoch of an interrupted run (epoch 0: the stage has not started)."""
+
+    stage: int
+    epoch: int
+    rows: int
+    best_value: Optional[float] = None
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    stopped: bool = False
+    summaries: list[StageSummary] = []
+    files: dict[str, str] = {}
+
+
+class CheckpointMeta(_Record):
+    """`checkpoint.json`: what rebuilds the model offline beside its weights."""
+
+    model: str
+    head_layer: Optional[str]
+    class_names: list[str]
+    preprocess: dict[str, Any]
+    frontier: list[str]
+    cache_key: Optional[str]
+    data_fingerprint: str
+    stages: list[StageSummary]
+    frozen_modules: list[str]
+    frozen_attrs: list[str] = []
+    tl_version: str = __version__
+
+
+def _parse(model: type[_Record], path: Path) -> Any:
+    try:
+        return model.model_validate(json.loads(path.read_text()))
+    except (OSError, UnicodeDecodeError) as err:
+        raise RunError(f"{path}: cannot read: {err}") from None
+    except (ValueError, ValidationError) as err:
+        first = err.errors()[0] if isinstance(err, ValidationError) else None
+        where = ".".join(str(p) for p in first["loc"]) + ": " + first["msg"] if first else str(err)
+        raise RunError(f"{path}: damaged ({where}); fit the run again with --force") from None
+
+
+class EpochLog:
+    """Appends one metrics row and one timing row per epoch, flushed at once."""
+
+    def __init__(self, metrics, timings):
+        self.metrics, self.timings = metrics, timings
+
+    def write(self, row: dict, seconds: float) -> None:
+        self.metrics.write(json.dumps(row) + "\n")
+        self.metrics.flush()
+        self.timings.write(json.dumps({"stage": row["stage"], "epoch": row["epoch"], "seconds": round(seconds, 4)}) + "\n")
+        self.timings.flush()
+
+
+class RunDir:
+    """A run directory on disk. Nothing else in tl knows its file names."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    # -- state
+
+    def is_run(self) -> bool:
+        """A directory tl wrote: the marker, or (runs from before it) a checkpoint or resume state."""
+        return any((self.path / name).exists() for name in (MARKER, CHECKPOINT, f"{RESUME}/{STATE}"))
+
+    def finished(self) -> bool:
+        return (self.path / CHECKPOINT).is_file()
+
+    def _foreign(self) -> bool:
+        if not self.path.exists():
+            return False
+        if not self.path.is_dir():
+            return True
+        return not self.is_run() and any(self.path.iterdir())
+
+    # -- starting, resuming
+
+    def check_for_fit(self, recipe_text: str, force: bool, resume: bool) -> Optional[ResumeState]:
+        """Check, writing nothing, that fit may use this directory; the state to resume, if resuming.
+
+        Refuses, even with --force, a path that is a file or a non-empty
+        directory tl did not write: --force replaces tl's own runs only."""
+        if self._foreign():
+            what = "a file" if not self.path.is_dir() else "a non-empty directory that is not a tl run"
+            raise RunError(f"{self.path} is {what} (no {MARKER}); tl only writes into its own run directories: "
+                           "choose another output_dir, or empty this one")
+        state = self.read_resume()
+        if resume:
+            self._check_resumable(state, recipe_text)
+            return state
+        if not force:
+            if self.finished():
+                raise RunError(f"{self.path} already holds a finished run; pass --force to overwrite it")
+            if state is not None:
+                raise RunError(f"{self.path} holds an interrupted run (stage {state.stage + 1}, epoch {state.epoch}); "
+                               "pass --resume to continue it or --force to start over")
+        return None
+
+    def _check_resumable(self, state: Optional[ResumeState], recipe_text: str) -> None:
+        if self.finished():
+            raise RunError(f"{self.path} holds a finished run; nothing to resume (pass --force to train it again)")
+        if state is None:
+            raise RunError(f"{self.path}: no interrupted run to resume (no {RESUME}/{STATE}); run tl fit without --resume")
+        saved = (self.path / RECIPE).read_text() if (self.path / RECIPE).is_file() else None
+        if saved != recipe_text:
+            raise RunError(f"{self.path}: the recipe changed since this run started; resume needs the same recipe "
+                           "(pass --force to start over)")
+
+    def start(self, recipe_text: str) -> None:
+        """A fresh run: tl's own files of any old run removed, the marker and recipe written."""
+        # Starting over: nothing of an old run may be mistaken for this one's.
+        # Only names tl writes are removed; anything else a user put here stays.
+        for name in OWNED:
+            p = self.path / name
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink(missing_ok=True)
+        self.path.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.path / MARKER, {"tl_version": __version__})
+        write_text_atomic(self.path / RECIPE, recipe_text)
+        for name in (METRICS, TIMINGS):
+            write_text_atomic(self.path / name, "")
+
+    def rewind_logs(self, rows: int) -> None:
+        """Drop log rows written after the resumed epoch (the killed epoch's, if any)."""
+        for name in (METRICS, TIMINGS):
+            kept = (self.path / name).read_text().splitlines()[:rows]
+            write_text_atomic(self.path / name, "".join(r + "\n" for r in kept))
+
+    @contextlib.contextmanager
+    def epoch_log(self) -> Iterator[EpochLog]:
+        with open(self.path / METRICS, "a") as metrics, open(self.path / TIMINGS, "a") as timings:
+            yield EpochLog(metrics, timings)
+
+    def metrics(self) -> list[dict]:
+        return [json.loads(line) for line in (self.path / METRICS).read_text().splitlines() if line.strip()]
+
+    # -- resume state
+
+    def read_resume(self) -> Optional[ResumeState]:
+        path = self.path / RESUME / STATE
+        if not path.is_file():
+            return None
+        state = _parse(ResumeState, path)
+        for name in state.files.values():
+            # The names come from a file on disk: they must stay inside resume/.
+            if Path(name).name != name or name in ("", ".", ".."):
+                raise RunError(f"{path}: damaged (file name {name!r} points outside {RESUME}/); fit again with --force")
+        return state
+
+    def save_resume(self, state: ResumeState, tensors: dict[str, dict], objects: dict[str, Any]) -> None:
+        """Epoch-tagged files first, then `state.json` naming them, then the old files go.
+
+        `tensors` are state dicts (safetensors), `objects` are torch-saved
+        state such as the optimizer's (read back with weights_only=True).
+        A kill at any point leaves a consistent previous state."""
+        import torch
+        from safetensors.torch import save_file
+
+        d = self.path / RESUME
+        d.mkdir(parents=True, exist_ok=True)
+        tag = f"s{state.stage}-e{state.epoch:04d}"
+        files = {}
+        for kind, tensor_dict in tensors.items():
+            files[kind] = f"{kind}-{tag}.safetensors"
+            atomic_write(d / files[kind], lambda p, t=tensor_dict: save_file(t, str(p)))
+        for kind, obj in objects.items():
+            files[kind] = f"{kind}-{tag}.pt"
+            atomic_write(d / files[kind], lambda p, o=obj: torch.save(o, p))
+        write_json_atomic(d / STATE, state.model_copy(update={"files": files}).model_dump(mode="json"))
+        for f in d.iterdir():
+            if f.name != STATE and f.name not in files.values():
+                f.unlink(missing_ok=True)
+
+    def resume_tensors(self, state: ResumeState, kind: str) -> Optional[dict]:
+        if kind not in state.files:
+            return None
+        return _load_safetensors(self.path / RESUME / state.files[kind])
+
+    def resume_object(self, state: ResumeState, kind: str) -> Any:
+        import torch
+
+        path = self.path / RESUME / state.files[kind]
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # a truncated or tampered file: the run's damage, not our bug
+            raise RunError(f"{path}: damaged ({err}); fit again with --force") from None
+
+    # -- the finished run
+
+    def save_checkpoint(self, state: dict, meta: CheckpointMeta) -> None:
+        """Weights first, then `checkpoint.json`; then the resume state goes."""
+        from safetensors.torch import save_file
+
+        atomic_write(self.path / WEIGHTS, lambda p: save_file(state, str(p)))
+        write_json_atomic(self.path / CHECKPOINT, meta.model_dump(mode="json"))
+        shutil.rmtree(self.path / RESUME, ignore_errors=True)
+
+    def read_meta(self) -> CheckpointMeta:
+        if not self.finished():
+            raise RunError(f"{self.path}: no finished run here ({CHECKPOINT} is missing); run `tl fit` first")
+        return _parse(CheckpointMeta, self.path / CHECKPOINT)
+
+    def read_recipe(self):
+        from tlcli.recipe import load_recipe
+
+        return load_recipe(self.path / RECIPE)
+
+    def weights(self) -> dict:
+        return _load_safetensors(self.path / WEIGHTS)
+
+    def eval_dir(self) -> Path:
+        d = self.path / EVAL
+        d.mkdir(exist_ok=True)
+        return d
+
+
+def _load_safetensors(path: Path) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (OSError, SafetensorError) as err:
+        raise RunError(f"{path}: damaged or unreadable ({err}); fit the run again with --force") from None
