@@ -16,15 +16,15 @@ import torch
 from tlcli.data import loader, plan_data
 from tlcli.features import featurize
 from tlcli.recipe import load_recipe
-from tlcli.surgery import prepare
+from tlcli.build import prepare
 
 n = int(sys.argv[1]) if len(sys.argv) > 1 else 256
 recipe = load_recipe("recipes/quickstart.yaml")
 recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"limit": n})})
 with tempfile.TemporaryDirectory() as tmp:
     recipe = recipe.model_copy(update={"cache": recipe.cache.model_copy(update={"dir": tmp})})
-    plan = plan_data(recipe)
-    prepared = prepare(recipe, len(plan.class_names))
+    plan = plan_data(recipe.data)
+    prepared = prepare(recipe, plan.class_names)
     extractor = prepared.extractor().eval()
     x = next(iter(loader(plan.splits["train"], prepared.preprocess, 32, 0)))[0]
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {tuple(x.shape)}")
@@ -39,6 +39,6 @@ with tempfile.TemporaryDirectory() as tmp:
                 m(xb)
         print(f"forward {label:>30}: {3 * len(xb) / (time.perf_counter() - t0):6.1f} img/s")
     t0 = time.perf_counter()
-    cache = featurize(recipe, prepared, plan, torch.device("cpu"))
+    cache = featurize(prepared, plan, torch.device("cpu"), recipe.cache, recipe.data)
     total = sum(cache.count(s) for s in ("train", "val", "test"))
     print(f"tl featurize end to end (fp32 channels_last): {total / (time.perf_counter() - t0):6.1f} img/s over {total} images")

@@ -1,4 +1,4 @@
-"""Errors that are the user's to fix.
+"""Errors: the user's to fix, each a readable line; anything else is our bug.
 
 Anything raised as a `TLError` is printed by the CLI as plain lines with exit
 code 1 and no traceback. Every other exception is our bug and keeps its

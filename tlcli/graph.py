@@ -1,4 +1,4 @@
-"""The model as an fx graph: names, the freeze boundary and the frozen frontier.
+"""Graph: the model traced with fx, split at a freeze boundary into frozen part, frontier and trainable part.
 
 A boundary node and everything it depends on are frozen (DL4J's
 setFeatureExtractor). The *frontier* is every frozen node whose output is used

@@ -1,5 +1,7 @@
-"""Optimizer and schedule: parameter groups (per-layer and discriminative rates, no decay
-on norms and biases), the four optimizers, and the per-batch learning-rate schedule."""
+"""Optimizer and schedule: parameter groups, the four optimizers, the per-batch learning rate.
+
+Groups carry per-layer and discriminative rates, and no weight decay on
+norms and biases unless asked."""
 
 from __future__ import annotations
 
