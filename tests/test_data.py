@@ -5,7 +5,8 @@ import tarfile
 
 import pytest
 
-from tlcli.data import plan_data, read_image, safe_extract
+from tlcli.data import plan_data, safe_extract, stratified_split
+from tlcli.pipeline import read_image
 from tlcli.errors import DataError
 from tlcli.recipe import Recipe
 
@@ -100,3 +101,23 @@ def test_extraction_keeps_absolute_paths_inside(tmp_path):
     safe_extract(served / "flower_photos.tgz", tmp_path / "out")
     assert not target.exists()
     assert (tmp_path / "out" / str(target).lstrip("/")).read_bytes() == b"gotcha"
+
+
+@pytest.mark.parametrize("n,classes,test,seed", [(1797, 10, 0.25, 0), (200, 10, 0.2, 3), (57, 3, 0.3, 1), (31, 2, 0.5, 7)])
+def test_stratified_split_equals_scikit_learns(n, classes, test, seed):
+    """tl no longer imports scikit-learn to split; the splits it made before must not change."""
+    import math
+
+    import numpy as np
+    from sklearn.model_selection import train_test_split
+
+    labels = np.random.RandomState(seed).randint(0, classes, n).tolist()
+    labels += list(range(classes)) * 2  # every class has two members at least
+    pairs = [(f"img{i}.png", l) for i, l in enumerate(labels)]
+    expected = train_test_split(pairs, test_size=test, stratify=labels, random_state=seed)
+    assert stratified_split(pairs, math.ceil(test * len(pairs)), seed) == tuple(map(list, expected))
+
+
+def test_stratified_split_refuses_a_class_with_one_image():
+    with pytest.raises(ValueError, match="only 1 image"):
+        stratified_split([("a", 0), ("b", 0), ("c", 1)], 1, 0)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from tlcli.checkpoint import load_checkpoint
-from tlcli.data import loader, plan_data
+from tlcli.data import plan_data
+from tlcli.pipeline import ImageLoader
 from tlcli.errors import RunError
 from tlcli.features import featurize
 from tlcli.recipe import Recipe
@@ -95,5 +96,5 @@ def test_head_on_cached_features_equals_full_model_on_raw_images(tmp_path):
     head = prepared.trainable().eval()
     with torch.no_grad():
         from_cache = torch.cat([head(*f) for f, _ in cache.iterate("test")])
-        raw = torch.cat([ckpt.model(x) for x, _ in loader(plan.splits["test"], ckpt.preprocess, 8, 0)])
+        raw = torch.cat([ckpt.model(x) for x, _ in ImageLoader(plan.splits["test"], ckpt.preprocess, 8, torch.device("cpu"), 0)])
     torch.testing.assert_close(from_cache, raw, atol=1e-4, rtol=0)

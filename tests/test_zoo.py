@@ -75,14 +75,15 @@ def test_embedded_model_recognises_cat_and_espresso():
     """The truth test: real photos through the embedded pretrained network."""
     import skimage.data
 
-    from tlcli.data import apply_preprocess
+    from tlcli.pipeline import fit_to_size, to_model_input
 
     base = build_base(BaseSpec(zoo="timm", model="tf_efficientnet_lite0", weights=WeightsSpec(name="embedded")))
     names = imagenet_class_names()
-    batch = torch.stack([
-        apply_preprocess(torch.from_numpy(np.ascontiguousarray(img[..., :3])).permute(2, 0, 1).float() / 255, base.preprocess)
+    # Through tl's own pipeline: uint8 resize, then normalisation on the device.
+    batch = to_model_input(torch.stack([
+        fit_to_size(torch.from_numpy(np.ascontiguousarray(img[..., :3])).permute(2, 0, 1), base.preprocess)
         for img in (skimage.data.chelsea(), skimage.data.coffee())
-    ])
+    ]), base.preprocess, torch.device("cpu"))
     with torch.no_grad():
         probs = base.model(batch).softmax(1)
     cat, coffee = (names[i] for i in probs.argmax(1).tolist())

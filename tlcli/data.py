@@ -1,16 +1,23 @@
-"""Data: which images, which labels, which split; and how one image is read.
+"""Data: which images, which labels, which split (reading them is the pipeline's job).
 
 `dataset: digits` is scikit-learn's bundled `load_digits` (offline).
 `imagefolder: PATH` is one folder per class, optionally pre-split into
 train/ val/ test/. `dataset: flowers` downloads TensorFlow's flower_photos
 archive once and then reads it as an imagefolder.
+
+The data fingerprint hashes every image's bytes (never mtimes alone), but a
+digest index beside the cache remembers each file's digest by (path, size,
+mtime_ns, ctime_ns, inode), so only files that changed are read again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import math
 import os
 import shutil
+import sqlite3
 import tarfile
 import tempfile
 import urllib.error
@@ -21,13 +28,9 @@ from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
-import torch
-from torchvision.transforms.v2 import InterpolationMode
-from torchvision.transforms.v2 import functional as TF
 
 from tlcli.errors import DataError, SpecError, did_you_mean
 from tlcli.files import file_digest
-from tlcli.preprocess import Preprocess
 from tlcli.recipe import DataSpec
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -45,6 +48,7 @@ class DataPlan:
     class_names: list[str]
     splits: dict[str, list[tuple[Source, int]]]
     root: Optional[Path] = None
+    index: Optional[Path] = None  # the digest index's file (beside the feature cache)
     _fingerprint: Optional[str] = field(default=None, init=False, repr=False, compare=False)
 
     def fingerprint(self) -> str:
@@ -60,42 +64,102 @@ class DataPlan:
         h = hashlib.blake2b(digest_size=16)
         h.update(repr((self.kind, self.class_names)).encode())
         if self.kind == "digits":
-            images, _ = _digits()
+            images, _ = digits_arrays()
             h.update(images.tobytes())
+        digests = DigestIndex(self.index).digests([s for pairs in self.splits.values() for s, _ in pairs]) \
+            if self.kind == "files" else {}
         for split in SPLITS:
             h.update(f"|{split}|".encode())
             for source, label in self.splits.get(split, []):
                 h.update(f"{source}:{label};".encode())
                 if self.kind == "files":
-                    h.update(_image_digest(source))
+                    h.update(bytes.fromhex(digests[source]))
         return h.hexdigest()
 
 
-def _image_digest(path: str) -> bytes:
+class DigestIndex:
+    """Content digests of image files, remembered by (path, size, mtime_ns, ctime_ns, inode).
+
+    A rewrite changes the ctime even when the mtime is put back (Ludwig #1078's
+    trap), so a changed file is always read again. Without an index file
+    every file is read. SQLite keeps concurrent commands consistent."""
+
+    def __init__(self, path: Optional[Path]):
+        self.path = path
+
+    def digests(self, files: list[str]) -> dict[str, str]:
+        stats = {f: _stat_key(f) for f in dict.fromkeys(files)}
+        known = self._load() if self.path is not None else {}
+        out, fresh = {}, []
+        for f, key in stats.items():
+            if known.get(f, (None,))[:-1] == key:
+                out[f] = known[f][-1]
+            else:
+                out[f] = _read_digest(f)
+                fresh.append((f, *key, out[f]))
+        if fresh and self.path is not None:
+            self._store(fresh)
+        return out
+
+    def _connect(self) -> sqlite3.Connection:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, timeout=60)
+        db.execute("CREATE TABLE IF NOT EXISTS digests (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, "
+                   "ctime_ns INTEGER, inode INTEGER, digest TEXT)")
+        return db
+
+    def _load(self) -> dict[str, tuple]:
+        try:
+            with contextlib.closing(self._connect()) as db:
+                return {row[0]: tuple(row[1:]) for row in db.execute("SELECT * FROM digests")}
+        except (sqlite3.Error, OSError):
+            return {}  # an unreadable index only costs the re-hashing it would have saved
+
+    def _store(self, rows: list[tuple]) -> None:
+        try:
+            with contextlib.closing(self._connect()) as db, db:
+                db.executemany("INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?, ?, ?)", rows)
+        except (sqlite3.Error, OSError):
+            pass  # read-only cache directory: digests are still right, just not remembered
+
+
+def _stat_key(path: str) -> tuple:
     try:
-        return bytes.fromhex(file_digest(path))
+        st = os.stat(path)
+    except OSError as err:
+        raise DataError(f"{path}: cannot read image: {err.strerror or err}") from None
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+
+
+def _read_digest(path: str) -> str:
+    try:
+        return file_digest(path)
     except OSError as err:
         raise DataError(f"{path}: cannot read image: {err.strerror or err}") from None
 
 
 @lru_cache(maxsize=1)
-def _digits() -> tuple[np.ndarray, np.ndarray]:
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits
 
     d = load_digits()
     return d.images.astype(np.float32), d.target.astype(np.int64)
 
 
-def plan_data(spec: DataSpec) -> DataPlan:
-    """Which images, which labels, which split. Problems raise `SpecError` under `data.`."""
+def plan_data(spec: DataSpec, index: Optional[Path] = None) -> DataPlan:
+    """Which images, which labels, which split. Problems raise `SpecError` under `data.`.
+
+    `index`: where file digests are remembered between commands (beside the cache)."""
     if spec.dataset == "digits":
-        _, target = _digits()
+        _, target = digits_arrays()
         names = [str(i) for i in range(10)]
         pairs = [(i, int(t)) for i, t in enumerate(target)]
         pairs, names = _select_classes(spec, pairs, names)
         return DataPlan("digits", names, _split(spec, pairs))
     root = Path(spec.imagefolder) if spec.imagefolder else download_flowers(spec.url or FLOWERS_URL)
-    return plan_imagefolder(spec, root)
+    plan = plan_imagefolder(spec, root)
+    plan.index = index
+    return plan
 
 
 FLOWER_CLASSES = ["daisy", "dandelion", "roses", "sunflowers", "tulips"]
@@ -182,21 +246,15 @@ def _select_classes(spec: DataSpec, pairs, names):
 
 
 def _split(data: DataSpec, pairs, with_test: bool = True) -> dict[str, list[tuple[Source, int]]]:
-    from sklearn.model_selection import train_test_split
-
     spec = data.split
-    labels = [l for _, l in pairs]
-    if data.limit and data.limit < len(pairs):
-        pairs, _ = train_test_split(pairs, train_size=data.limit, stratify=labels, random_state=spec.seed)
-        labels = [l for _, l in pairs]
     try:
-        rest, test = (train_test_split(pairs, test_size=spec.test, stratify=labels, random_state=spec.seed)
-                      if with_test else (pairs, []))
+        if data.limit and data.limit < len(pairs):
+            pairs, _ = stratified_split(pairs, len(pairs) - data.limit, spec.seed)
+        rest, test = stratified_split(pairs, math.ceil(spec.test * len(pairs)), spec.seed) if with_test else (pairs, [])
         out = {"test": test} if with_test else {}
         if spec.val > 0:
-            rest_labels = [l for _, l in rest]
             val_share = spec.val / (1 - (spec.test if with_test else 0))
-            train, val = train_test_split(rest, test_size=val_share, stratify=rest_labels, random_state=spec.seed)
+            train, val = stratified_split(rest, math.ceil(val_share * len(rest)), spec.seed)
         else:
             train, val = rest, []
     except ValueError as err:  # too few images per class for a stratified split
@@ -205,88 +263,47 @@ def _split(data: DataSpec, pairs, with_test: bool = True) -> dict[str, list[tupl
     return {k: [(s, int(l)) for s, l in out[k]] for k in SPLITS if k in out}
 
 
-# --------------------------------------------------------------------------- reading images
+def stratified_split(pairs: list, n_test: int, seed: int) -> tuple[list, list]:
+    """(rest, test) with n_test items drawn per class in proportion, seeded.
+
+    The same algorithm, and the same random draws, as scikit-learn's
+    `train_test_split(..., stratify=labels, random_state=seed)`, so splits made
+    before tl stopped importing scikit-learn (2.7 s of every command) are unchanged."""
+    n_train = len(pairs) - n_test
+    classes, y = np.unique([label for _, label in pairs], return_inverse=True)
+    counts = np.bincount(y)
+    if counts.min(initial=2) < 2:
+        raise ValueError("the least populated class has only 1 image; a stratified split needs 2 per class")
+    if n_train < len(classes) or n_test < len(classes):
+        raise ValueError(f"each part needs at least one image per class ({len(classes)}), "
+                         f"got {n_train} and {n_test}")
+    by_class = np.split(np.argsort(y, kind="mergesort"), np.cumsum(counts)[:-1])
+    rng = np.random.RandomState(seed)
+    n_i = _approximate_mode(counts, n_train, rng)
+    t_i = _approximate_mode(counts - n_i, n_test, rng)
+    train, test = [], []
+    for i in range(len(classes)):
+        members = by_class[i].take(rng.permutation(counts[i]), mode="clip")
+        train.extend(members[: n_i[i]])
+        test.extend(members[n_i[i] : n_i[i] + t_i[i]])
+    return [pairs[i] for i in rng.permutation(train)], [pairs[i] for i in rng.permutation(test)]
 
 
-def read_image(source: Source, channels: int = 3) -> torch.Tensor:
-    """One image as float32 RGB (or grey, channels=1), CHW, in [0, 1]."""
-    if isinstance(source, int):
-        images, _ = _digits()
-        # Digits store ink intensity 0..16; as a photo that is dark ink on white.
-        grey = 1.0 - torch.from_numpy(images[source]) / 16.0
-        return grey.unsqueeze(0).expand(channels, -1, -1).contiguous()
-    try:
-        from PIL import Image
-
-        with Image.open(source) as im:
-            im = im.convert("RGB" if channels == 3 else "L")
-            arr = np.asarray(im, dtype=np.uint8)
-    except Exception as err:  # PIL raises many types for bad files; all mean "unreadable"
-        raise DataError(f"{source}: cannot read image: {err}") from None
-    t = torch.from_numpy(arr.copy())
-    t = t.permute(2, 0, 1) if t.ndim == 3 else t.unsqueeze(0)
-    return t.float().div_(255.0)
-
-
-def apply_preprocess(image: torch.Tensor, pp: Preprocess, normalize: bool = True) -> torch.Tensor:
-    interp = InterpolationMode(pp.interpolation)
-    if pp.mode == "squash":
-        image = TF.resize(image, [pp.size, pp.size], interpolation=interp, antialias=True)
-    else:
-        image = TF.resize(image, [pp.resize], interpolation=interp, antialias=True)
-        image = TF.center_crop(image, [pp.size, pp.size])
-    return TF.normalize(image, list(pp.mean), list(pp.std)) if normalize else image
-
-
-def augmentation(spec, pp: Preprocess):
-    """The recipe's augmentation as a transforms.v2 pipeline on a [0, 1] image
-    already at the model's input size (before normalisation)."""
-    from torchvision.transforms import v2
-
-    steps = []
-    if spec.random_resized_crop is not None:
-        c = spec.random_resized_crop
-        steps.append(v2.RandomResizedCrop(
-            [pp.size, pp.size], scale=tuple(c.scale), ratio=tuple(c.ratio),
-            interpolation=InterpolationMode(pp.interpolation), antialias=True,
-        ))
-    if spec.hflip > 0:
-        steps.append(v2.RandomHorizontalFlip(spec.hflip))
-    if spec.color_jitter is not None:
-        j = spec.color_jitter
-        steps.append(v2.ColorJitter(brightness=j.brightness, contrast=j.contrast, saturation=j.saturation, hue=j.hue))
-    return v2.Compose(steps)
-
-
-class ImageDataset(torch.utils.data.Dataset):
-    def __init__(self, pairs: list[tuple[Source, int]], pp: Preprocess, augment=None):
-        self.pairs = pairs
-        self.pp = pp
-        self.augment = augment
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def __getitem__(self, i: int):
-        source, label = self.pairs[i]
-        image = read_image(source, self.pp.channels)
-        if self.augment is None:
-            return apply_preprocess(image, self.pp), label
-        image = apply_preprocess(image, self.pp, normalize=False)
-        image = self.augment(image).clamp_(0.0, 1.0)
-        return TF.normalize(image, list(self.pp.mean), list(self.pp.std)), label
-
-
-def loader(
-    pairs, pp: Preprocess, batch_size: int, num_workers: int,
-    augment=None, generator: Optional[torch.Generator] = None,
-) -> torch.utils.data.DataLoader:
-    """Batches of preprocessed images; shuffled (and augmented) when a
-    generator is given, which makes the order reproducible."""
-    return torch.utils.data.DataLoader(
-        ImageDataset(pairs, pp, augment), batch_size=batch_size, shuffle=generator is not None,
-        num_workers=num_workers, generator=generator,
-    )
+def _approximate_mode(counts: np.ndarray, n_draws: int, rng: np.random.RandomState) -> np.ndarray:
+    """How many of n_draws each class gets: floor of its share, the rest to the largest remainders (ties drawn)."""
+    continuous = counts / counts.sum() * n_draws
+    floored = np.floor(continuous)
+    need = int(n_draws - floored.sum())
+    if need > 0:
+        remainder = continuous - floored
+        for value in np.sort(np.unique(remainder))[::-1]:
+            (inds,) = np.where(remainder == value)
+            add_now = min(len(inds), need)
+            floored[rng.choice(inds, size=add_now, replace=False)] += 1
+            need -= add_now
+            if need == 0:
+                break
+    return floored.astype(int)
 
 
 # --------------------------------------------------------------------------- flowers download

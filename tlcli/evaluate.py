@@ -14,9 +14,11 @@ import numpy as np
 import torch
 
 from tlcli.checkpoint import load_checkpoint
-from tlcli.data import loader, plan_data
+from tlcli.data import plan_data
 from tlcli.errors import RunError
+from tlcli.features import digest_index
 from tlcli.files import write_json_atomic
+from tlcli.pipeline import ImageLoader, decode_threads
 from tlcli.plots import plot_confusion
 from tlcli.progress import Reporter
 from tlcli.recipe import load_recipe
@@ -41,10 +43,12 @@ def run_dir_of(target: Path) -> Path:
 
 def predict(model, pairs, preprocess, batch_size, num_workers, device, reporter) -> tuple[np.ndarray, np.ndarray]:
     model.to(device).eval()
+    if device.type != "mps":
+        model.to(memory_format=torch.channels_last)
     logits, labels = [], []
+    batches = ImageLoader(pairs, preprocess, batch_size, device, decode_threads(num_workers, device))
     with reporter.task("evaluate", total=len(pairs), unit="img") as task, torch.inference_mode():
-        for x, y in loader(pairs, preprocess, batch_size, num_workers):
-            x = x.to(device).contiguous(memory_format=torch.channels_last)
+        for x, y in batches:
             logits.append(model(x).float().cpu())
             labels.append(y)
             task.advance(len(y))
@@ -57,7 +61,7 @@ def evaluate(target: Path, reporter: Reporter = Reporter(), device_spec: str | N
     # The run's own resolved recipe defines the data and split it was fit on.
     recipe = run.read_recipe()
     with recipe.located():
-        plan = plan_data(recipe.data)
+        plan = plan_data(recipe.data, digest_index(recipe.cache))
     warnings = []
     if plan.fingerprint() != ckpt.meta.data_fingerprint:
         warnings.append("the data set has changed since this run was fit; scoring the current test split")

@@ -22,13 +22,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tlcli.build import Prepared, prepare
-from tlcli.data import DataPlan, loader, plan_data
+from tlcli.data import DataPlan, plan_data
 from tlcli.files import atomic_write, write_json_atomic
+from tlcli.pipeline import ImageLoader, decode_threads, decoder_name
 from tlcli.progress import Reporter
 from tlcli.recipe import CacheSpec, DataSpec, Recipe
 from tlcli.zoo import resolve_device
 
-CACHE_FORMAT = 1
+# 2: images are resized in uint8 by the pipeline (rounding differs from format 1's float resize).
+CACHE_FORMAT = 2
 MANIFEST = "manifest.json"
 
 
@@ -43,7 +45,8 @@ def _hash_tensors(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def key_components(prepared: Prepared, plan: DataPlan, extractor: torch.fx.GraphModule, dtype: str) -> dict:
+def key_components(prepared: Prepared, plan: DataPlan, extractor: torch.fx.GraphModule, dtype: str,
+                   decoder: str = "libjpeg-turbo") -> dict:
     """Everything that determines the cached features, one hash or value each."""
     split = prepared.split
     frozen_names = set(split.frozen_state_names(prepared.model))
@@ -59,7 +62,14 @@ def key_components(prepared: Prepared, plan: DataPlan, extractor: torch.fx.Graph
         "preprocess": prepared.preprocess.to_dict(),
         "data": plan.fingerprint(),
         "dtype": dtype,
+        # nvjpeg and libjpeg-turbo differ by +-1 in some pixels; the digits array is not decoded.
+        "decoder": decoder if plan.kind == "files" else None,
     }
+
+
+def digest_index(cache: CacheSpec) -> Path:
+    """Where image digests are remembered between commands: beside the caches they key."""
+    return Path(cache.dir).expanduser() / "digests.sqlite"
 
 
 def cache_key(components: dict) -> str:
@@ -158,9 +168,7 @@ class _Extractor:
         self.store_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x = x.to(self.device, non_blocking=True)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        """x: a normalised batch on the device (the pipeline's output)."""
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.store_dtype == torch.bfloat16):
             outs = self.module(x)
         return [o.to("cpu", self.store_dtype).contiguous() for o in outs]
@@ -176,7 +184,7 @@ def featurize(
     force: bool = False,
 ) -> FeatureCache:
     """The cache for this model's frozen part and data, built when missing (or forced)."""
-    components = key_components(prepared, plan, prepared.extractor(), cache.dtype)
+    components = key_components(prepared, plan, prepared.extractor(), cache.dtype, decoder_name(device))
     key = cache_key(components)
     final = Path(cache.dir).expanduser() / key
     existing = open_cache(final)
@@ -187,7 +195,8 @@ def featurize(
     tmp = final.with_name(f"{key}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    manifest = _write_splits(prepared, plan, _Extractor(prepared, device, cache.dtype), tmp, cache, data, reporter)
+    threads = decode_threads(data.num_workers, device)
+    manifest = _write_splits(prepared, plan, _Extractor(prepared, device, cache.dtype), tmp, cache, data, threads, reporter)
     manifest.update(key=key, components=components)
     # The manifest is written last: its presence is what marks a cache complete.
     write_json_atomic(tmp / MANIFEST, manifest)
@@ -201,14 +210,14 @@ def featurize(
 
 
 def _write_splits(prepared: Prepared, plan: DataPlan, extract: _Extractor, tmp: Path, cache: CacheSpec,
-                  data: DataSpec, reporter: Reporter) -> dict:
+                  data: DataSpec, threads: int, reporter: Reporter) -> dict:
     """Every split through the frozen part into shards; the manifest's content, less its key."""
     manifest = {"format": CACHE_FORMAT, "frontier": [], "class_names": plan.class_names, "splits": {}}
     dtype_name = str(extract.store_dtype).removeprefix("torch.")
     started = time.perf_counter()
     for split_name, pairs in plan.splits.items():
         writer = ShardWriter(tmp, split_name, cache.shard_size)
-        batches = loader(pairs, prepared.preprocess, data.batch_size, data.num_workers)
+        batches = ImageLoader(pairs, prepared.preprocess, data.batch_size, extract.device, threads)
         with reporter.task(f"featurize {split_name}", total=len(pairs), unit="img") as task, torch.inference_mode():
             for x, y in batches:
                 outs = extract(x)
@@ -245,7 +254,7 @@ def _alive(pid: int) -> bool:
 def featurize_recipe(recipe: Recipe, reporter: Reporter = Reporter(), force: bool = False) -> list[FeatureCache]:
     """`tl featurize`: build the cache of every stage that trains from one."""
     with recipe.located():
-        plan = plan_data(recipe.data)
+        plan = plan_data(recipe.data, digest_index(recipe.cache))
         prepared = prepare(recipe, plan.class_names)
         device = resolve_device(recipe.device)
         return [featurize(prepared.for_stage(stage), plan, device, recipe.cache, recipe.data, reporter, force=force)

@@ -136,8 +136,10 @@ class DataSpec(Strict):
     classes: Optional[list[str]] = None
     # Stratified subsample of this many images before splitting, for smoke runs.
     limit: Optional[int] = Field(default=None, ge=10)
+    # The frozen forward's batch (featurize, evaluate); training batches are fine_tune.batch_size.
     batch_size: int = Field(default=64, ge=1)
-    num_workers: int = Field(default=0, ge=0)
+    # Threads that decode and resize ahead of the forward; auto: from the cores this process may use.
+    num_workers: Union[Literal["auto"], Annotated[int, Field(ge=0)]] = "auto"
 
     @field_validator("classes", mode="before")
     @classmethod

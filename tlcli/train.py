@@ -29,10 +29,11 @@ from torch import nn
 
 from tlcli.build import Prepared, prepare
 from tlcli.checkpoint import save_checkpoint
-from tlcli.data import DataPlan, augmentation, loader, plan_data
+from tlcli.data import DataPlan, plan_data
 from tlcli.errors import SpecError
-from tlcli.features import FeatureCache, featurize
+from tlcli.features import FeatureCache, digest_index, featurize
 from tlcli.optim import make_optimizer, make_scheduler
+from tlcli.pipeline import ImageLoader, augmentation, decode_threads
 from tlcli.plots import plot_curves
 from tlcli.progress import Reporter
 from tlcli.recipe import CacheSpec, DataSpec, EarlyStopping as EarlyStoppingSpec, FineTuneSpec, Recipe, Stage, dump_recipe
@@ -226,12 +227,13 @@ def _setup_stage(ctx: FitContext, stage: Stage) -> StageRun:
     if not params:
         raise SpecError([(stage.freeze_loc, "everything is frozen: there is nothing left to train")])
     optimizer = make_optimizer(ft, params, {**prepared.layer_lr, **ft.layer_lr})
-    splits, workers = ctx.plan.splits, ctx.data.num_workers
+    splits, threads, pp, dev = ctx.plan.splits, decode_threads(ctx.data.num_workers, ctx.device), prepared.preprocess, ctx.device
     if on_images:
-        augment = augmentation(stage.augment, prepared.preprocess) if stage.augment is not None else None
+        augment = augmentation(stage.augment, pp) if stage.augment is not None else None
         steps = math.ceil(len(splits["train"]) / ft.batch_size)
-        train = lambda g: image_batches(loader(splits["train"], prepared.preprocess, ft.batch_size, workers, augment, g))
-        val = lambda: image_batches(loader(splits["val"], prepared.preprocess, 256, workers))
+        train = lambda g: image_batches(ImageLoader(splits["train"], pp, ft.batch_size, dev, threads, augment,
+                                                    order=torch.randperm(len(splits["train"]), generator=g).tolist()))
+        val = lambda: image_batches(ImageLoader(splits["val"], pp, ctx.data.batch_size, dev, threads))
     else:
         steps = sum(math.ceil(rows / ft.batch_size) for rows in cache.shard_rows("train"))
         train = lambda g: cached_batches(cache, "train", ft.batch_size, g)
@@ -362,7 +364,7 @@ def fit(recipe: Recipe, reporter: Reporter = Reporter(), force: bool = False, re
     stages = recipe.stage_plan()
     with recipe.located():
         device = resolve_device(recipe.device)
-        plan = plan_data(recipe.data)
+        plan = plan_data(recipe.data, digest_index(recipe.cache))
         prepared = prepare(recipe, plan.class_names)
         _check_plan(stages, plan)
         ctx = FitContext(run, prepared, plan, recipe.data, recipe.cache, device, reporter, hooks)

@@ -1,0 +1,311 @@
+"""Input pipeline: images to normalised batches on the device, decoded ahead of the forward.
+
+One definition of preprocessing serves featurize, image stages, evaluate
+and predict:
+
+1. decode: `torchvision.io` (libjpeg-turbo, libpng, libwebp), PIL for what it
+   cannot read (BMP, TIFF, 16-bit and float modes), or nvjpeg on CUDA for
+   JPEGs, a batch at a time;
+2. fit to size: resize (and centre-crop) each image in uint8, with
+   antialiasing, on the CPU (SIMD path) or on the GPU after nvjpeg;
+3. on the device: uint8 -> float, normalise with the model's mean and std,
+   channels_last.
+
+Threads decode batch k+1 while batch k runs forward (torch's decoders and
+resize release the GIL). Augmentation, when a stage has it, runs in the main
+thread in a fixed order, so a seeded epoch replays exactly. The decoder is
+part of the cache key and the checkpoint: nvjpeg and libjpeg-turbo differ by
++-1 in some pixels.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import warnings
+from collections import deque
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+from tlcli.errors import DataError
+from tlcli.preprocess import Preprocess
+
+# torchvision 0.29 marks its decoders deprecated in favour of TorchCodec; they are
+# still shipped and are what this pipeline is built and measured on. Told once
+# here, not once per image.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                        category=DeprecationWarning)
+
+Source = Union[int, str]  # an index into the digits array, or an image path
+# What torchvision.io decodes itself; everything else goes through PIL.
+TORCHVISION_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp"}
+JPEG_SUFFIXES = {".jpg", ".jpeg"}
+
+
+def available_cores() -> int:
+    """The cores this process may run on (a container or taskset may allow fewer than the machine has)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+def decode_threads(requested: Union[int, str], device: torch.device) -> int:
+    """How many threads decode. `auto` on CUDA: every core but one (the GPU does the
+    math, the CPU reads and decodes). On the CPU the forward is over 95% of the work
+    (0.6 ms to decode and resize a 500x375 JPEG, about 23 ms of Lite0 forward per image
+    on 2 cores), so one decode thread per 4 cores fills the forward's serial gaps
+    without taking its cores."""
+    if requested != "auto":
+        return max(int(requested), 0)
+    cores = available_cores()
+    return max(cores - 1, 1) if device.type == "cuda" else max(cores // 4, 1)
+
+
+def decoder_name(device: torch.device) -> str:
+    """What decodes JPEGs on this device; it enters the cache key and the checkpoint."""
+    return "nvjpeg" if device.type == "cuda" and _nvjpeg_available() else "libjpeg-turbo"
+
+
+def _nvjpeg_available() -> bool:
+    try:
+        from torchvision.io import decode_jpeg
+
+        decode_jpeg  # noqa: B018 - the import is the check
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+# --------------------------------------------------------------------------- one image
+
+
+def _digits_image(index: int, channels: int) -> torch.Tensor:
+    from tlcli.data import digits_arrays
+
+    images, _ = digits_arrays()
+    # Digits store ink intensity 0..16; as a photo that is dark ink on white.
+    grey = 1.0 - torch.from_numpy(images[index]) / 16.0
+    return grey.unsqueeze(0).expand(channels, -1, -1).contiguous()
+
+
+def _decode_file(path: str, channels: int) -> torch.Tensor:
+    """uint8 CHW. torchvision for the formats it reads, PIL for the rest."""
+    from torchvision.io import ImageReadMode, decode_image, read_file
+
+    if os.path.splitext(path)[1].lower() in TORCHVISION_SUFFIXES:
+        try:
+            image = decode_image(read_file(path), mode=ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY)
+            if image.dtype == torch.uint16:  # 16-bit PNG: scale, don't truncate
+                image = (image.to(torch.int32) * 255 + 32767).div(65535, rounding_mode="floor").to(torch.uint8)
+            if image.dtype == torch.uint8:
+                return image
+        except (RuntimeError, ValueError):
+            pass  # let PIL try, and say what is wrong if it can't either
+    return _decode_with_pil(path, channels)
+
+
+def _decode_with_pil(path: str, channels: int) -> torch.Tensor:
+    try:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            arr = _pil_to_uint8(im, channels)
+    except DataError:
+        raise
+    except Exception as err:  # PIL raises many types for bad files; all mean "unreadable"
+        raise DataError(f"{path}: cannot read image: {err}") from None
+    t = torch.from_numpy(np.ascontiguousarray(arr))
+    return t.permute(2, 0, 1).contiguous() if t.ndim == 3 else t.unsqueeze(0)
+
+
+def _pil_to_uint8(im, channels: int) -> np.ndarray:
+    """8-bit pixels from any PIL mode: 16-bit and 32-bit integers are scaled by their
+    range, floats are taken as [0, 1], palette, CMYK and alpha go through PIL's RGB."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        scale = {"F": 1.0, "I": 65535.0 if a.max(initial=0) > 255 else 255.0}.get(im.mode, 65535.0)
+        grey = np.clip(np.rint(a / scale * 255.0), 0, 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2) if channels == 3 else grey
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        im = im.convert("RGBA")
+        from PIL import Image
+
+        background = Image.new("RGBA", im.size, (255, 255, 255, 255))  # transparent -> white, as viewers show it
+        im = Image.alpha_composite(background, im)
+    return np.asarray(im.convert("RGB" if channels == 3 else "L"), dtype=np.uint8)
+
+
+def read_image(source: Source, channels: int = 3) -> torch.Tensor:
+    """One image as CHW: uint8 for files, float32 in [0, 1] for the digits array."""
+    if isinstance(source, (int, np.integer)):
+        return _digits_image(int(source), channels)
+    return _decode_file(source, channels)
+
+
+def fit_to_size(image: torch.Tensor, pp: Preprocess) -> torch.Tensor:
+    """Resize (squash) or resize-then-centre-crop to the model's input size, keeping the dtype."""
+    interp = InterpolationMode(pp.interpolation)
+    if pp.mode == "squash":
+        return TF.resize(image, [pp.size, pp.size], interpolation=interp, antialias=True)
+    image = TF.resize(image, [pp.resize], interpolation=interp, antialias=True)
+    return TF.center_crop(image, [pp.size, pp.size])
+
+
+def load_sized(source: Source, pp: Preprocess) -> torch.Tensor:
+    return fit_to_size(read_image(source, pp.channels), pp)
+
+
+def to_model_input(batch: torch.Tensor, pp: Preprocess, device: torch.device) -> torch.Tensor:
+    """A uint8 (or [0, 1] float) batch at the model's size -> normalised float on the device."""
+    channels_last = device.type != "mps" and batch.ndim == 4
+    x = batch.to(device, non_blocking=True)
+    x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+    mean = torch.tensor(pp.mean, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(pp.std, device=device).view(1, -1, 1, 1)
+    x = x.sub_(mean).div_(std)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def augmentation(spec, pp: Preprocess):
+    """The recipe's augmentation as a transforms.v2 pipeline on an image already
+    at the model's input size (uint8, or float in [0, 1]), before normalisation."""
+    from torchvision.transforms import v2
+
+    steps = []
+    if spec.random_resized_crop is not None:
+        c = spec.random_resized_crop
+        steps.append(v2.RandomResizedCrop(
+            [pp.size, pp.size], scale=tuple(c.scale), ratio=tuple(c.ratio),
+            interpolation=InterpolationMode(pp.interpolation), antialias=True,
+        ))
+    if spec.hflip > 0:
+        steps.append(v2.RandomHorizontalFlip(spec.hflip))
+    if spec.color_jitter is not None:
+        j = spec.color_jitter
+        steps.append(v2.ColorJitter(brightness=j.brightness, contrast=j.contrast, saturation=j.saturation, hue=j.hue))
+    return v2.Compose(steps)
+
+
+# --------------------------------------------------------------------------- batches
+
+
+@dataclass
+class BatchPlan:
+    """What to load: sources in order, with labels, at a batch size."""
+
+    pairs: Sequence[tuple[Source, int]]
+    batch_size: int
+
+    def chunks(self, order: Optional[Sequence[int]] = None) -> list[list[tuple[Source, int]]]:
+        idx = list(order) if order is not None else range(len(self.pairs))
+        items = [self.pairs[i] for i in idx]
+        return [items[i : i + self.batch_size] for i in range(0, len(items), self.batch_size)]
+
+
+class ImageLoader:
+    """Batches of preprocessed images on the device, decoded `prefetch` batches ahead.
+
+    CPU decoding runs on a thread pool; with nvjpeg on CUDA, the pool only
+    reads files and the GPU decodes each batch. Iterating yields
+    (normalised float batch on the device, labels on the CPU).
+    """
+
+    def __init__(self, pairs, pp: Preprocess, batch_size: int, device: torch.device, threads: int,
+                 augment=None, order: Optional[Sequence[int]] = None, prefetch: int = 2, decoder: Optional[str] = None):
+        self.chunks = BatchPlan(pairs, batch_size).chunks(order)
+        self.pp, self.device, self.augment = pp, device, augment
+        self.threads, self.prefetch = threads, max(prefetch, 1)
+        self.decoder = decoder or decoder_name(device)
+        self.pin = device.type == "cuda"
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.threads == 0:
+            for chunk in self.chunks:
+                yield self._finish(self._load(chunk), chunk)
+            return
+        with concurrent.futures.ThreadPoolExecutor(self.threads, thread_name_prefix="tl-decode") as pool:
+            pending: deque = deque()
+            chunks = iter(self.chunks)
+            for chunk in chunks:
+                pending.append((chunk, self._submit(pool, chunk)))
+                if len(pending) > self.prefetch:
+                    done_chunk, futures = pending.popleft()
+                    yield self._finish(self._gather(futures), done_chunk)
+            while pending:
+                done_chunk, futures = pending.popleft()
+                yield self._finish(self._gather(futures), done_chunk)
+
+    def _submit(self, pool, chunk):
+        if self.decoder == "nvjpeg":
+            return [pool.submit(_read_bytes_or_decode, s, self.pp) for s, _ in chunk]
+        return [pool.submit(load_sized, s, self.pp) for s, _ in chunk]
+
+    def _gather(self, futures) -> list[torch.Tensor]:
+        return [f.result() for f in futures]
+
+    def _load(self, chunk) -> list[torch.Tensor]:
+        if self.decoder == "nvjpeg":
+            return [_read_bytes_or_decode(s, self.pp) for s, _ in chunk]
+        return [load_sized(s, self.pp) for s, _ in chunk]
+
+    def _finish(self, images: list[torch.Tensor], chunk) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.decoder == "nvjpeg":
+            # Raw JPEG bytes decode on the GPU in one call; the rest were decoded on the CPU.
+            images = [img.to(self.device, non_blocking=True) for img in
+                      _nvjpeg_decode(images, [s for s, _ in chunk], self.pp, self.device)]
+        if self.augment is not None:
+            # In the main thread, in order: torch's global generator, seeded per epoch, decides.
+            images = [self.augment(img) for img in images]
+        batch = torch.stack(images)
+        if self.pin and not batch.is_cuda:
+            batch = batch.pin_memory()
+        labels = torch.tensor([label for _, label in chunk], dtype=torch.int64)
+        return to_model_input(batch, self.pp, self.device), labels
+
+
+def _read_bytes_or_decode(source: Source, pp: Preprocess):
+    """For nvjpeg: a JPEG's raw bytes (decoded on the GPU); any other image decoded and sized here."""
+    from torchvision.io import read_file
+
+    if isinstance(source, str) and os.path.splitext(source)[1].lower() in JPEG_SUFFIXES and pp.channels == 3:
+        try:
+            return read_file(source)
+        except RuntimeError as err:
+            raise DataError(f"{source}: cannot read image: {err}") from None
+    return load_sized(source, pp)
+
+
+def _nvjpeg_decode(items: list[torch.Tensor], sources: list, pp: Preprocess, device: torch.device) -> list[torch.Tensor]:
+    """Decode the raw-JPEG items of a batch on the GPU in one call; size them there."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    raw = [i for i, t in enumerate(items) if t.ndim == 1]  # read_file gives 1-d uint8 bytes
+    if not raw:
+        return items
+    try:
+        decoded = decode_jpeg([items[i] for i in raw], mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        # One bad file fails the batch call: decode one by one to name it.
+        decoded = [_nvjpeg_one(items[i], sources[i], device) for i in raw]
+    out = list(items)
+    for i, image in zip(raw, decoded):
+        out[i] = fit_to_size(image, pp)
+    return out
+
+
+def _nvjpeg_one(data: torch.Tensor, source, device: torch.device) -> torch.Tensor:
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    try:
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError as err:
+        raise DataError(f"{source}: cannot read image: {err}") from None
