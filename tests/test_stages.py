@@ -279,3 +279,38 @@ def test_shipped_two_stage_recipe_plans_cache_then_images():
 
     stages = load_recipe(REPO / "recipes" / "digits-two-stage.yaml").stage_plan()
     assert [s.input for s in stages] == ["cache", "images"]
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_resume_state_holds_only_trained_tensors_and_pins_the_rest(tmp_path, cli):
+    """A cache stage's resume file has the head, not the frozen backbone; the backbone
+    is rebuilt from the recipe on resume, and a changed weights file is refused."""
+    from safetensors.torch import save_file
+
+    from tlcli.models import TinyResNet
+
+    def weights(seed):
+        torch.manual_seed(seed)
+        save_file(TinyResNet().state_dict(), str(tmp_path / "w.safetensors"))
+
+    class CrashAtEpoch2(FitHooks):
+        def on_train_epoch_end(self, stage, epoch, model):
+            if epoch == 2:
+                raise _Crash()
+
+    weights(1)
+    recipe = tiny_recipe(tmp_path, base={"weights": {"file": str(tmp_path / "w.safetensors")}}, freeze={"until": "pool"})
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    with pytest.raises(_Crash):
+        fit(Recipe.model_validate(recipe), hooks=CrashAtEpoch2())
+    state = json.loads((tmp_path / "run" / "resume" / "state.json").read_text())
+    saved = load_file(str(tmp_path / "run" / "resume" / state["files"]["model"]))
+    assert sorted(saved) == ["fc.bias", "fc.weight"]
+    weights(2)  # the base changes under the interrupted run
+    code, out = cli("fit", path, "--resume")
+    assert code == 1 and "frozen weights changed since this run started" in out
+    weights(1)
+    assert cli("fit", path, "--resume")[0] == 0

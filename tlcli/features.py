@@ -34,7 +34,7 @@ CACHE_FORMAT = 2
 MANIFEST = "manifest.json"
 
 
-def _hash_tensors(state: dict[str, torch.Tensor]) -> str:
+def hash_tensors(state: dict[str, torch.Tensor]) -> str:
     h = hashlib.blake2b(digest_size=16)
     for name in sorted(state):
         t = state[name].detach().cpu().contiguous().reshape(-1)
@@ -58,7 +58,7 @@ def key_components(prepared: Prepared, plan: DataPlan, extractor: torch.fx.Graph
         "frontier": split.frontier_names,
         # The frozen graph's code and module configs pin the architecture up to the cut.
         "architecture": hashlib.blake2b((extractor.code + modules).encode(), digest_size=16).hexdigest(),
-        "weights": _hash_tensors(frozen_state),
+        "weights": hash_tensors(frozen_state),
         "preprocess": prepared.preprocess.to_dict(),
         "data": plan.fingerprint(),
         "dtype": dtype,

@@ -423,6 +423,9 @@ class CacheSpec(Strict):
     # bfloat16 runs the frozen part under autocast and halves the cache.
     dtype: Literal["float32", "bfloat16"] = "float32"
     shard_size: int = Field(default=1024, ge=1)
+    # A cache stage whose train and val rows fit in this many MiB (as float32)
+    # loads them onto the device once and runs every epoch from memory.
+    memory_mib: int = Field(default=2048, ge=0)
 
 
 class Recipe(Strict):

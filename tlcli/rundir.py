@@ -73,6 +73,9 @@ class ResumeState(_Record):
     stopped: bool = False
     summaries: list[StageSummary] = []
     files: dict[str, str] = {}
+    # The model file holds only tensors some stage trains; this hash pins the rest
+    # (rebuilt from the recipe on resume) so that changed base weights are noticed.
+    frozen_hash: Optional[str] = None
 
 
 class CheckpointMeta(_Record):

@@ -17,6 +17,7 @@ state and stage restored from the last epoch's resume state.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -30,8 +31,8 @@ from torch import nn
 from tlcli.build import Prepared, prepare
 from tlcli.checkpoint import save_checkpoint
 from tlcli.data import DataPlan, plan_data
-from tlcli.errors import SpecError
-from tlcli.features import FeatureCache, digest_index, featurize
+from tlcli.errors import RunError, SpecError
+from tlcli.features import FeatureCache, digest_index, featurize, hash_tensors
 from tlcli.optim import make_optimizer, make_scheduler
 from tlcli.pipeline import ImageLoader, augmentation, decode_threads
 from tlcli.plots import plot_curves
@@ -66,17 +67,46 @@ class FitHooks:
 # --------------------------------------------------------------------------- batches
 
 
+class CacheRows:
+    """One split of the cache: read a shard at a time from disk, or held on the device
+    when it fits the memory budget. Either way a generator draws the same shard order
+    and row order, so both give the same batches, and the same metrics."""
+
+    def __init__(self, cache: FeatureCache, split: str, device: Optional[torch.device] = None):
+        self.cache, self.split = cache, split
+        self.names, self.rows = cache.shards(split), cache.shard_rows(split)
+        self.offsets = [sum(self.rows[:i]) for i in range(len(self.rows))]
+        self.memory: Optional[tuple[list[torch.Tensor], torch.Tensor]] = None
+        if device is not None and self.names:
+            parts = [cache.read_shard(name) for name in self.names]
+            frontier = [torch.cat([p[0][i] for p in parts]).to(device) for i in range(len(parts[0][0]))]
+            self.memory = (frontier, torch.cat([p[1] for p in parts]).to(device))
+
+    def batches(self, batch_size: int, generator: Optional[torch.Generator]) -> Batches:
+        order = torch.randperm(len(self.names), generator=generator).tolist() if generator else range(len(self.names))
+        for i in order:
+            if self.memory is not None:
+                frontier, labels = self.memory
+                base = self.offsets[i]
+            else:
+                frontier, labels = self.cache.read_shard(self.names[i])
+                base = 0
+            rows = torch.randperm(self.rows[i], generator=generator) if generator else torch.arange(self.rows[i])
+            rows = (rows + base).to(labels.device)
+            for start in range(0, len(rows), batch_size):
+                idx = rows[start : start + batch_size]
+                yield [f[idx] for f in frontier], labels[idx]
+
+
 def cached_batches(cache: FeatureCache, split: str, batch_size: int, generator: torch.Generator | None) -> Batches:
-    """Mini-batches from the cache, one shard in memory at a time. With a
-    generator, shard order and rows within a shard are shuffled, reproducibly."""
-    shards = cache.shards(split)
-    order = torch.randperm(len(shards), generator=generator).tolist() if generator else range(len(shards))
-    for i in order:
-        frontier, labels = cache.read_shard(shards[i])
-        rows = torch.randperm(len(labels), generator=generator) if generator else torch.arange(len(labels))
-        for start in range(0, len(rows), batch_size):
-            idx = rows[start : start + batch_size]
-            yield [f[idx] for f in frontier], labels[idx]
+    """Mini-batches from the cache, one shard in memory at a time (shuffled when a generator is given)."""
+    return CacheRows(cache, split).batches(batch_size, generator)
+
+
+def _fits_in_memory(cache: FeatureCache, budget_mib: int) -> bool:
+    row_bytes = sum(4 * math.prod(f["shape"]) for f in cache.manifest["frontier"])
+    rows = cache.count("train") + cache.count("val")
+    return rows * row_bytes <= budget_mib * 2**20
 
 
 def image_batches(data) -> Batches:
@@ -147,30 +177,26 @@ def run_epoch(model, batches: Batches, device, optimizer=None, scheduler=None, f
 # --------------------------------------------------------------------------- early stopping
 
 
-def state_cpu(module: nn.Module) -> dict[str, torch.Tensor]:
-    # clone(): safetensors refuses tensors that share storage (tied weights, views).
-    return {k: v.detach().to("cpu").clone().contiguous() for k, v in module.state_dict().items()}
-
-
 class EarlyStopping:
     """Watches a validation metric; remembers the best epoch's weights; says when to stop."""
 
-    def __init__(self, spec: Optional[EarlyStoppingSpec]):
+    def __init__(self, spec: Optional[EarlyStoppingSpec], snapshot: Callable[[], dict]):
         self.spec = spec
+        self.snapshot = snapshot
         self.best_value: Optional[float] = None
         self.best_epoch = 0
         self.bad_epochs = 0
         self.stopped = False
         self.best_state: Optional[dict[str, torch.Tensor]] = None
 
-    def update(self, row: dict, epoch: int, model: nn.Module) -> None:
+    def update(self, row: dict, epoch: int) -> None:
         if self.spec is None:
             return
         value, delta = row[self.spec.monitor], self.spec.min_delta
         if self.best_value is None or (value > self.best_value + delta if self.spec.monitor == "val_acc"
                                        else value < self.best_value - delta):
             self.best_value, self.best_epoch, self.bad_epochs = value, epoch, 0
-            self.best_state = state_cpu(model)
+            self.best_state = self.snapshot()
         else:
             self.bad_epochs += 1
         self.stopped = self.bad_epochs >= self.spec.patience
@@ -199,6 +225,15 @@ class FitContext:
     device: torch.device
     reporter: Reporter
     hooks: FitHooks
+    # State-dict names some stage trains: resume files hold only these. The rest
+    # is rebuilt from the recipe and pinned by `frozen_hash`.
+    trained: set[str] = field(default_factory=set)
+    frozen_hash: Optional[str] = None
+
+    def trained_state(self) -> dict[str, torch.Tensor]:
+        # clone(): safetensors refuses tensors that share storage (tied weights, views).
+        return {k: v.detach().to("cpu").clone().contiguous()
+                for k, v in self.prepared.model.state_dict().items() if k in self.trained}
 
 
 @dataclass
@@ -236,8 +271,10 @@ def _setup_stage(ctx: FitContext, stage: Stage) -> StageRun:
         val = lambda: image_batches(ImageLoader(splits["val"], pp, ctx.data.batch_size, dev, threads))
     else:
         steps = sum(math.ceil(rows / ft.batch_size) for rows in cache.shard_rows("train"))
-        train = lambda g: cached_batches(cache, "train", ft.batch_size, g)
-        val = lambda: cached_batches(cache, "val", 1024, None)
+        memory = dev if _fits_in_memory(cache, ctx.cache.memory_mib) else None
+        train_rows, val_rows = CacheRows(cache, "train", memory), CacheRows(cache, "val", memory)
+        train = lambda g: train_rows.batches(ft.batch_size, g)
+        val = lambda: val_rows.batches(1024, None)
     scheduler = make_scheduler(ft, optimizer, max(steps, 1))
     return StageRun(stage, prepared, model, optimizer, scheduler, train, val if splits.get("val") else None, cache,
                     sum(p.numel() for _, p in params))
@@ -251,6 +288,23 @@ def _apply_dropout(model: nn.Module, frozen_modules: list[str], p: Optional[floa
     for name, m in model.named_modules():
         if isinstance(m, nn.Dropout) and name not in frozen and not name.startswith(inside_frozen):
             m.p = p
+
+
+@contextlib.contextmanager
+def _threads_for(sr: StageRun, device: torch.device):
+    """A small head on the cache runs on one CPU thread: its matrix products are too
+    small to split, and on a busy machine threads waiting for each other cost 20x
+    (a digits head fit: 83 s with the default threads, 4.1 s with one)."""
+    small = sr.cache is not None and sr.trainable_params * sr.stage.fine_tune.batch_size < 50_000_000
+    if device.type != "cpu" or not small:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def epoch_seed(seed: int, stage: int, epoch: int) -> int:
@@ -288,13 +342,13 @@ def _fit_stage(ctx: FitContext, stage: Stage, state: Optional[ResumeState], rows
                summaries: list[StageSummary]) -> tuple[int, dict, StageRun, StageSummary]:
     """Run one stage's epochs; (rows written, last row, the stage, its summary)."""
     sr = _setup_stage(ctx, stage)
-    es = EarlyStopping(stage.fine_tune.early_stopping)
+    es = EarlyStopping(stage.fine_tune.early_stopping, ctx.trained_state)
     first = _restore_stage(ctx, sr, es, state)
     last_row: dict = {}
     epochs_run = first - 1
     tag = f"{stage.name} ({stage.input}) " if stage.loc or stage.input == "images" else ""
     with ctx.reporter.task(f"fit {tag}".strip(), total=stage.fine_tune.epochs, unit="epoch") as task, \
-            ctx.run.epoch_log() as log:
+            ctx.run.epoch_log() as log, _threads_for(sr, ctx.device):
         task.advance(first - 1)
         for epoch in range(first, stage.fine_tune.epochs + 1):
             if es.stopped:
@@ -303,25 +357,27 @@ def _fit_stage(ctx: FitContext, stage: Stage, state: Optional[ResumeState], rows
             last_row = _one_epoch(ctx, sr, epoch)
             log.write(last_row, time.perf_counter() - started)
             rows, epochs_run = rows + 1, epoch
-            es.update(last_row, epoch, sr.prepared.model)
-            state_now = ResumeState(stage=stage.index, epoch=epoch, rows=rows, summaries=summaries, **es.fields())
-            _save_resume(ctx.run, state_now, sr, es)
+            es.update(last_row, epoch)
+            state_now = ResumeState(stage=stage.index, epoch=epoch, rows=rows, summaries=summaries,
+                                    frozen_hash=ctx.frozen_hash, **es.fields())
+            _save_resume(ctx, state_now, sr, es)
             status = f"loss {last_row['train_loss']:.4f}" + (f"  val_acc {last_row['val_acc']:.4f}" if "val_acc" in last_row else "")
             task.advance(1, status=status + ("  early stop" if es.stopped else ""))
     if es.best_state is not None:
         # Early stopping keeps the best epoch's model, not the last one.
-        sr.prepared.model.load_state_dict(es.best_state, strict=True)
+        sr.prepared.model.load_state_dict(es.best_state, strict=False)
     ctx.hooks.on_stage_end(stage, sr.prepared.model)
     summary = StageSummary(name=stage.name, input=stage.input, frontier=sr.prepared.split.frontier_names,
                            epochs_run=epochs_run, best_epoch=es.best_epoch or None, trainable_params=sr.trainable_params)
     return rows, last_row, sr, summary
 
 
-def _save_resume(run: RunDir, state: ResumeState, sr: StageRun, es: EarlyStopping) -> None:
-    tensors = {"model": state_cpu(sr.prepared.model)}
+def _save_resume(ctx: FitContext, state: ResumeState, sr: StageRun, es: EarlyStopping) -> None:
+    tensors = {"model": ctx.trained_state()}
     if es.best_state is not None:
         tensors["best"] = es.best_state
-    run.save_resume(state, tensors, {"optim": {"optimizer": sr.optimizer.state_dict(), "scheduler": sr.scheduler.state_dict()}})
+    ctx.run.save_resume(state, tensors, {"optim": {"optimizer": sr.optimizer.state_dict(),
+                                                   "scheduler": sr.scheduler.state_dict()}})
 
 
 # --------------------------------------------------------------------------- fit
@@ -368,12 +424,11 @@ def fit(recipe: Recipe, reporter: Reporter = Reporter(), force: bool = False, re
         prepared = prepare(recipe, plan.class_names)
         _check_plan(stages, plan)
         ctx = FitContext(run, prepared, plan, recipe.data, recipe.cache, device, reporter, hooks)
+        _pin_frozen(ctx, stages)
         if state is None:
             run.start(recipe_text)
         else:
-            # The model as it was after the saved epoch (or stage); _fit_stage restores the rest.
-            prepared.model.load_state_dict(run.resume_tensors(state, "model"), strict=True)
-            run.rewind_logs(state.rows)
+            _restore_model(ctx, state)
             reporter.info(f"resuming {run} at stage {state.stage + 1}, after epoch {state.epoch}")
         summaries, last_row, cache_key = _fit_stages(ctx, stages, state)
     final = prepared.for_stage(stages[-1]).transfer_model().to("cpu")
@@ -386,6 +441,28 @@ def fit(recipe: Recipe, reporter: Reporter = Reporter(), force: bool = False, re
     plot_curves(run.metrics(), run / CURVES)
     epochs = sum(s.epochs_run for s in summaries)
     return FitResult(run.path, epochs, last_row, cache_key, time.perf_counter() - started, summaries)
+
+
+def _pin_frozen(ctx: FitContext, stages: list[Stage]) -> None:
+    """Which tensors some stage trains (resume saves those), and a hash of all the others."""
+    model = ctx.prepared.model
+    state = model.state_dict()
+    for s in stages:
+        ctx.trained |= set(state) - set(ctx.prepared.splits[s.index].frozen_state_names(model))
+    ctx.frozen_hash = hash_tensors({k: v for k, v in state.items() if k not in ctx.trained})
+
+
+def _restore_model(ctx: FitContext, state: ResumeState) -> None:
+    """The model as it was after the saved epoch (or stage); _fit_stage restores the rest."""
+    if state.frozen_hash is not None and state.frozen_hash != ctx.frozen_hash:
+        raise RunError(f"{ctx.run}: the base model's frozen weights changed since this run started; "
+                       "resume needs the same weights (pass --force to start over)")
+    saved = ctx.run.resume_tensors(state, "model")
+    unknown = set(saved) - set(ctx.prepared.model.state_dict())
+    if unknown:
+        raise RunError(f"{ctx.run}: the resume state does not fit the model ({sorted(unknown)[:3]}); pass --force")
+    ctx.prepared.model.load_state_dict(saved, strict=False)
+    ctx.run.rewind_logs(state.rows)
 
 
 def _fit_stages(ctx: FitContext, stages: list[Stage], state: Optional[ResumeState]):
@@ -401,6 +478,6 @@ def _fit_stages(ctx: FitContext, stages: list[Stage], state: Optional[ResumeStat
         cache_key = sr.cache.key if sr.cache is not None else cache_key
         summaries.append(summary)
         # The stage is done: a resume from here starts the next stage with this model.
-        ctx.run.save_resume(ResumeState(stage=stage.index + 1, epoch=0, rows=rows, summaries=summaries),
-                            {"model": state_cpu(ctx.prepared.model)}, {})
+        ctx.run.save_resume(ResumeState(stage=stage.index + 1, epoch=0, rows=rows, summaries=summaries,
+                                        frozen_hash=ctx.frozen_hash), {"model": ctx.trained_state()}, {})
     return summaries, last_row, cache_key
