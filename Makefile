@@ -29,7 +29,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(PY) benchmarks/featurize_speed.py
+	$(PY) benchmarks/bench.py
 
 keras-blog: $(STAMP)
 	$(PY) benchmarks/keras_blog.py

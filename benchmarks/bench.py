@@ -1,0 +1,274 @@
+"""make bench: tl against the forward ceiling and hand-written peers, in one run. Prints figures, asserts nothing.
+
+    .venv/bin/python benchmarks/bench.py [--images N] [--work DIR]
+
+On whatever device is present (CUDA when there is one):
+  1. forward ceiling of the embedded Lite0 frozen below its head (fp32 and bf16, channels_last,
+     tensors already on the device);
+  2. `tl featurize` with the data defaults, on photo-like 500x375 JPEGs made offline from
+     scikit-image's bundled photos, vs the ceiling and vs a hand-written DataLoader peer
+     (and, on CUDA, a hand-written nvjpeg peer);
+  3. a cache-hit `tl featurize` on 8,192 small files vs `python -c "import torch, torchvision, timm"`;
+  4. a head epoch on the cache vs a hand-written in-memory epoch (same head, batch, optimizer);
+  5. featurize peak RSS at 1x and 4x the images.
+A ratio means most when both sides ran in the same run: these machines are shared and noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+PY = sys.executable
+
+
+# --------------------------------------------------------------------------- data, made offline
+
+
+def photo_folder(root: Path, n: int, size=(500, 375), quality: int = 90) -> Path:
+    """n photo-like JPEGs in 9 class folders: random crops, colour shifts and flips of
+    scikit-image's bundled photos, resized to `size`. Made once per (n, size)."""
+    import skimage.data
+    from PIL import Image
+
+    done = root / ".complete"
+    if done.exists():
+        return root
+    photos = [getattr(skimage.data, name)()[..., :3] for name in
+              ("astronaut", "chelsea", "coffee", "rocket", "cat", "immunohistochemistry", "colorwheel",
+               "hubble_deep_field", "retina")]
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        src = photos[i % len(photos)]
+        h, w = src.shape[:2]
+        ch, cw = int(h * rng.uniform(0.5, 1)), int(w * rng.uniform(0.5, 1))
+        y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+        crop = src[y : y + ch, x : x + cw].astype(np.float32) * rng.uniform(0.7, 1.2, 3)
+        if rng.random() < 0.5:
+            crop = crop[:, ::-1]
+        image = Image.fromarray(np.clip(crop, 0, 255).astype(np.uint8)).resize(size, Image.BILINEAR)
+        folder = root / f"class{i % len(photos)}"
+        folder.mkdir(parents=True, exist_ok=True)
+        image.save(folder / f"{i:05d}.jpg", quality=quality)
+    done.touch()
+    return root
+
+
+def recipe_file(work: Path, name: str, folder: Path, **extra) -> Path:
+    recipe = {
+        "base": {"zoo": "timm", "model": "tf_efficientnet_lite0", "weights": "embedded"},
+        "data": {"imagefolder": str(folder), "split": {"val": 0.1, "test": 0.2, "seed": 0}},
+        "freeze": {"until": "global_pool"},
+        "cache": {"dir": str(work / f"cache-{name}")},
+        "output_dir": str(work / f"run-{name}"),
+    }
+    for section, value in extra.items():
+        recipe[section] = {**recipe.get(section, {}), **value} if isinstance(value, dict) else value
+    path = work / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def run_measured(args: list[str]) -> tuple[float, int, str]:
+    """(wall seconds, peak RSS in MiB of that process alone, stderr) of a fresh subprocess."""
+    wrapper = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
+               "p = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+               "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, p.returncode); "
+               "sys.stderr.write(p.stderr)")
+    proc = subprocess.run([PY, "-c", wrapper, *args], capture_output=True, text=True, cwd=REPO)
+    seconds, rss_kib, code = proc.stdout.split()
+    if code != "0":
+        raise SystemExit(f"{' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+    return float(seconds), int(rss_kib) // 1024, proc.stderr
+
+
+def tl_featurize(recipe: Path, force: bool = True) -> tuple[float, float, int]:
+    """(images/s inside the featurize loop, wall seconds, peak RSS MiB) of `tl featurize`."""
+    seconds, rss, _ = run_measured([PY, "-m", "tlcli", "featurize", str(recipe), *(["--force"] if force else [])])
+    cache_dir = Path(yaml.safe_load(recipe.read_text())["cache"]["dir"])
+    manifest = max((json.loads(m.read_text()) for m in cache_dir.glob("*/manifest.json")), key=lambda m: m["seconds"])
+    images = sum(s["count"] for s in manifest["splits"].values())
+    return images / manifest["seconds"], seconds, rss
+
+
+# --------------------------------------------------------------------------- ceiling and peers
+
+
+def frozen_lite0(device: torch.device):
+    from tlcli.build import prepare
+    from tlcli.recipe import load_recipe
+
+    prepared = prepare(load_recipe(REPO / "recipes" / "quickstart.yaml"), [str(i) for i in range(10)])
+    return prepared.extractor().eval().to(device, memory_format=torch.channels_last), prepared.preprocess
+
+
+def ceiling(model, device: torch.device, batch: int, bf16: bool, repeats: int) -> float:
+    x = torch.randn(batch, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        model(x)
+        _sync(device)
+        started = time.perf_counter()
+        for _ in range(repeats):
+            model(x)
+        _sync(device)
+    return repeats * batch / (time.perf_counter() - started)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def dataloader_peer(files: list[str], model, device, batch: int, workers: int, bf16: bool) -> float:
+    """What a user writes by hand: a Dataset with PIL decode and float transforms, a DataLoader."""
+    from PIL import Image
+    from torchvision.transforms import v2
+
+    transform = v2.Compose([v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True),
+                            v2.Resize([224, 224], antialias=True), v2.Normalize([0.5] * 3, [0.5] * 3)])
+
+    class Files(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(files)
+
+        def __getitem__(self, i):
+            with Image.open(files[i]) as im:
+                return transform(im.convert("RGB"))
+
+    loader = torch.utils.data.DataLoader(Files(), batch_size=batch, num_workers=workers,
+                                         pin_memory=device.type == "cuda")
+    started = time.perf_counter()
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        for x in loader:
+            model(x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last))[0].cpu()
+    return len(files) / (time.perf_counter() - started)
+
+
+def nvjpeg_peer(files: list[str], model, device, batch: int, threads: int) -> float:
+    """Files read by a thread pool, decoded on the GPU by nvjpeg, resized there, bf16 forward."""
+    import concurrent.futures
+
+    from torchvision.io import decode_jpeg, read_file
+    from torchvision.transforms.v2 import functional as TF
+
+    mean = torch.tensor([0.5] * 3, device=device).view(1, 3, 1, 1)
+    started = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool, torch.inference_mode(), \
+            torch.autocast("cuda", dtype=torch.bfloat16):
+        for i in range(0, len(files), batch):
+            data = list(pool.map(read_file, files[i : i + batch]))
+            images = decode_jpeg(data, device=device)
+            x = torch.stack([TF.resize(im, [224, 224], antialias=True) for im in images]).float().div_(255)
+            model(((x - mean) / mean).contiguous(memory_format=torch.channels_last))[0].cpu()
+    return len(files) / (time.perf_counter() - started)
+
+
+# --------------------------------------------------------------------------- start-up and head
+
+
+def startup(work: Path) -> tuple[float, float]:
+    """Median wall time of a cache-hit `tl featurize` on 8,192 small files, and of the imports alone."""
+    small = photo_folder(work / "small-8192", 8192, size=(32, 32))
+    recipe = recipe_file(work, "startup", small, base={"input_size": 32})
+    subprocess.run([PY, "-m", "tlcli", "featurize", str(recipe)], check=True, capture_output=True, cwd=REPO)
+    hits = [run_measured([PY, "-m", "tlcli", "featurize", str(recipe)])[0] for _ in range(3)]
+    imports = [run_measured([PY, "-c", "import torch, torchvision, timm"])[0] for _ in range(3)]
+    return statistics.median(hits), statistics.median(imports)
+
+
+def head_epochs(work: Path) -> tuple[float, float]:
+    """Median seconds of a tl head epoch on the cache (train + val + resume state), and of a
+    hand-written in-memory training epoch of the same head, batch and optimizer."""
+    recipe = work / "startup.yaml"
+    r = yaml.safe_load(recipe.read_text())
+    r["fine_tune"] = {"epochs": 12, "batch_size": 64, "lr": 0.001}
+    r["output_dir"] = str(work / "run-head")
+    recipe.with_name("head.yaml").write_text(yaml.safe_dump(r, sort_keys=False))
+    subprocess.run([PY, "-m", "tlcli", "fit", "--force", str(recipe.with_name("head.yaml"))], check=True,
+                   capture_output=True, cwd=REPO)
+    rows = [json.loads(line) for line in (work / "run-head" / "timings.jsonl").read_text().splitlines()]
+    tl_epoch = statistics.median(row["seconds"] for row in rows[2:])
+
+    from safetensors.torch import load_file
+
+    cache = next((work / "cache-startup").glob("*/manifest.json")).parent
+    parts = [load_file(str(p)) for p in sorted(cache.glob("train-*.safetensors"))]
+    x = torch.cat([p["frontier_0"] for p in parts]).float()
+    y = torch.cat([p["labels"] for p in parts])
+    head = torch.nn.Linear(x.shape[1], int(y.max()) + 1)
+    optimizer = torch.optim.Adam(head.parameters(), lr=0.001)
+    times = []
+    for epoch in range(12):
+        started = time.perf_counter()
+        for idx in torch.randperm(len(y)).split(64):
+            loss = torch.nn.functional.cross_entropy(head(x[idx]), y[idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        times.append(time.perf_counter() - started)
+    return tl_epoch, statistics.median(times[2:])
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    from tlcli.pipeline import available_cores
+
+    parser = argparse.ArgumentParser()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--images", type=int, default=8192 if device.type == "cuda" else 512)
+    parser.add_argument("--work", type=Path, default=REPO / ".tl-bench")
+    args = parser.parse_args()
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    cores = available_cores()
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {cores} cores"
+    print(f"# tl bench on {name}; torch {torch.__version__}; {args.images} photo-like 500x375 JPEGs\n")
+
+    photos = photo_folder(work / f"photos-{args.images}", args.images)
+    files = sorted(str(p) for p in photos.rglob("*.jpg"))
+    model, _ = frozen_lite0(device)
+    batch = 256 if device.type == "cuda" else 64
+    repeats = 20 if device.type == "cuda" else 3
+    fp32 = ceiling(model, device, batch, False, repeats)
+    bf16 = ceiling(model, device, batch, True, repeats)
+    tl_rate, _, rss_1x = tl_featurize(recipe_file(work, "photos", photos))
+    peer = dataloader_peer(files, model, device, 64, cores, bf16=False)
+    print("| what ran (Lite0 frozen below its head) | images/s | tl / this |")
+    print("|---|---|---|")
+    print(f"| `tl featurize`, data defaults | {tl_rate:.1f} | 1.00 |")
+    print(f"| forward ceiling fp32 channels_last, batch {batch} | {fp32:.1f} | {tl_rate / fp32:.2f} |")
+    print(f"| forward ceiling bf16 channels_last, batch {batch} | {bf16:.1f} | {tl_rate / bf16:.2f} |")
+    print(f"| hand-written DataLoader ({cores} workers, PIL, fp32) | {peer:.1f} | {tl_rate / peer:.2f} |")
+    if device.type == "cuda":
+        nv = nvjpeg_peer(files, model, device, batch, cores)
+        print(f"| hand-written nvjpeg + bf16 | {nv:.1f} | {tl_rate / nv:.2f} |")
+
+    hit, imports = startup(work)
+    print(f"\ncache-hit `tl featurize` on 8,192 small files: {hit:.2f} s; "
+          f"`python -c \"import torch, torchvision, timm\"`: {imports:.2f} s; ratio {hit / imports:.2f} (target <= 1.25)")
+    tl_epoch, hand_epoch = head_epochs(work)
+    print(f"head epoch on the cache: tl {tl_epoch * 1000:.1f} ms (train + val + resume state); hand-written in-memory "
+          f"{hand_epoch * 1000:.1f} ms; ratio {tl_epoch / hand_epoch:.2f} (target <= 3)")
+
+    many = photo_folder(work / f"photos-{4 * args.images}", 4 * args.images)
+    _, _, rss_4x = tl_featurize(recipe_file(work, "photos4x", many))
+    print(f"featurize peak RSS: {rss_1x} MiB at {args.images} images, {rss_4x} MiB at {4 * args.images}; "
+          f"ratio {rss_4x / rss_1x:.2f} (target <= 1.1)")
+
+
+if __name__ == "__main__":
+    main()
