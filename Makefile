@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.tl-installed
 # local wheel store, and an unpinned torchvision can pull a mismatched torch.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test bench keras-blog two-stage clean install
+.PHONY: demo test bench head-probe keras-blog two-stage clean install
 
 install: $(STAMP)
 
@@ -30,6 +30,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench.py
+
+head-probe: $(STAMP)
+	$(PY) benchmarks/head_probe.py
 
 keras-blog: $(STAMP)
 	$(PY) benchmarks/keras_blog.py

@@ -65,7 +65,8 @@ def test_finished_run_is_not_overwritten_without_force(tmp_path, cli):
 
 
 @pytest.mark.real
-def test_head_on_cached_features_equals_full_model_on_raw_images(tmp_path):
+@pytest.mark.parametrize("optimizer", ["adam", "auto"])  # auto: the probe fit, its standardisation folded in
+def test_head_on_cached_features_equals_full_model_on_raw_images(tmp_path, optimizer):
     """The quickstart's setup on a few digits: cache + head == checkpointed full model."""
     import timm
 
@@ -76,7 +77,7 @@ def test_head_on_cached_features_equals_full_model_on_raw_images(tmp_path):
         base={"zoo": "timm", "model": "tf_efficientnet_lite0", "weights": "embedded", "input_size": 96},
         data={"limit": 80, "split": {"val": 0.15, "test": 0.25, "seed": 0}},
         freeze={"until": "global_pool"},
-        fine_tune={"epochs": 3, "lr": 0.01},
+        fine_tune={"epochs": 3, "lr": 0.01, "optimizer": optimizer},
     ))
     result = fit(recipe)
     ckpt = load_checkpoint(result.run_dir)

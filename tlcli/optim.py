@@ -62,12 +62,16 @@ def param_groups(ft: FineTuneSpec, named_params: list[tuple[str, nn.Parameter]],
 def make_optimizer(
     ft: FineTuneSpec, named_params: list[tuple[str, nn.Parameter]], layer_lr: Optional[dict[str, float]] = None
 ) -> torch.optim.Optimizer:
+    if ft.optimizer == "lbfgs":
+        # Full batch with a line search: the step size is found, not set (lr 1 is its unit step).
+        return torch.optim.LBFGS([p for _, p in named_params], lr=1.0, max_iter=20, history_size=20,
+                                 line_search_fn="strong_wolfe")
     groups = param_groups(ft, named_params, layer_lr or {})
     if ft.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=ft.lr, momentum=ft.momentum, nesterov=ft.nesterov)
     if ft.optimizer == "rmsprop":
         return torch.optim.RMSprop(groups, lr=ft.lr, momentum=ft.momentum)
-    if ft.optimizer == "adam":
+    if ft.optimizer in ("adam", "auto"):  # auto resolves per stage; adam is its general case
         return torch.optim.Adam(groups, lr=ft.lr)
     return torch.optim.AdamW(groups, lr=ft.lr)
 

@@ -297,7 +297,10 @@ class EarlyStopping(Strict):
 
 
 class FineTuneSpec(Strict):
-    optimizer: Literal["sgd", "adam", "adamw", "rmsprop"] = "adam"
+    # auto: a linear head on cached features held in memory is fitted like a linear
+    # probe (standardised inputs, full-batch L-BFGS, L2 chosen on val); anything else
+    # trains with adam. lbfgs asks for the probe fit outright.
+    optimizer: Literal["auto", "sgd", "adam", "adamw", "rmsprop", "lbfgs"] = "auto"
     lr: float = Field(default=1e-3, gt=0)
     momentum: float = Field(default=0.9, ge=0, lt=1)
     nesterov: bool = False
@@ -341,6 +344,8 @@ class FineTuneSpec(Strict):
             raise ValueError("nesterov needs optimizer: sgd with momentum > 0")
         if self.warmup_epochs >= self.epochs:
             raise ValueError(f"warmup_epochs ({self.warmup_epochs:g}) must be shorter than epochs ({self.epochs})")
+        if self.optimizer == "lbfgs" and (self.layer_lr or self.layer_decay is not None):
+            raise ValueError("lbfgs fits one parameter group: drop layer_lr and layer_decay, or use adam")
         return self
 
 

@@ -59,6 +59,8 @@ class StageSummary(_Record):
     epochs_run: int
     best_epoch: Optional[int] = None
     trainable_params: int
+    optimizer: Optional[str] = None  # what `auto` resolved to
+    l2: Optional[float] = None  # the probe fit's L2, when chosen on val
 
 
 class ResumeState(_Record):
@@ -76,6 +78,7 @@ class ResumeState(_Record):
     # The model file holds only tensors some stage trains; this hash pins the rest
     # (rebuilt from the recipe on resume) so that changed base weights are noticed.
     frozen_hash: Optional[str] = None
+    l2: Optional[float] = None  # the probe fit's L2, chosen once per stage
 
 
 class CheckpointMeta(_Record):

@@ -36,6 +36,7 @@ from tlcli.features import FeatureCache, digest_index, featurize, hash_tensors
 from tlcli.optim import make_optimizer, make_scheduler
 from tlcli.pipeline import ImageLoader, augmentation, decode_threads
 from tlcli.plots import plot_curves
+from tlcli.probe import L2_WITHOUT_VAL, Probe, choose_l2, lbfgs_epoch, probe_head, standardize
 from tlcli.progress import Reporter
 from tlcli.recipe import CacheSpec, DataSpec, EarlyStopping as EarlyStoppingSpec, FineTuneSpec, Recipe, Stage, dump_recipe
 from tlcli.rundir import CURVES, CheckpointMeta, ResumeState, RunDir, StageSummary
@@ -241,14 +242,21 @@ class StageRun:
     """One stage, set up: its view of the model, its data, optimizer and schedule."""
 
     stage: Stage
+    ft: FineTuneSpec  # the stage's fine_tune with `optimizer: auto` resolved
     prepared: Prepared
     model: StageModel
+    params: list[tuple[str, nn.Parameter]]
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     train_batches: Callable[[torch.Generator], Batches]
     val_batches: Optional[Callable[[], Batches]]
     cache: Optional[FeatureCache]
-    trainable_params: int
+    probe: Optional[Probe] = None
+    train_rows: Optional[CacheRows] = None
+
+    @property
+    def trainable_params(self) -> int:
+        return sum(p.numel() for _, p in self.params)
 
 
 def _setup_stage(ctx: FitContext, stage: Stage) -> StageRun:
@@ -261,23 +269,55 @@ def _setup_stage(ctx: FitContext, stage: Stage) -> StageRun:
     params = [(n, p) for n, p in prepared.model.named_parameters() if p.requires_grad]
     if not params:
         raise SpecError([(stage.freeze_loc, "everything is frozen: there is nothing left to train")])
-    optimizer = make_optimizer(ft, params, {**prepared.layer_lr, **ft.layer_lr})
-    splits, threads, pp, dev = ctx.plan.splits, decode_threads(ctx.data.num_workers, ctx.device), prepared.preprocess, ctx.device
     if on_images:
-        augment = augmentation(stage.augment, pp) if stage.augment is not None else None
-        steps = math.ceil(len(splits["train"]) / ft.batch_size)
-        train = lambda g: image_batches(ImageLoader(splits["train"], pp, ft.batch_size, dev, threads, augment,
-                                                    order=torch.randperm(len(splits["train"]), generator=g).tolist()))
-        val = lambda: image_batches(ImageLoader(splits["val"], pp, ctx.data.batch_size, dev, threads))
+        ft = ft.model_copy(update={"optimizer": _resolve_optimizer(stage, None)})
+        train, val, steps, probe, rows = *_image_inputs(ctx, stage, prepared), None, None
     else:
-        steps = sum(math.ceil(rows / ft.batch_size) for rows in cache.shard_rows("train"))
-        memory = dev if _fits_in_memory(cache, ctx.cache.memory_mib) else None
-        train_rows, val_rows = CacheRows(cache, "train", memory), CacheRows(cache, "val", memory)
-        train = lambda g: train_rows.batches(ft.batch_size, g)
-        val = lambda: val_rows.batches(1024, None)
+        train, val, steps, probe, rows = _cache_inputs(ctx, stage, prepared, cache)
+        ft = ft.model_copy(update={"optimizer": "lbfgs" if probe else _resolve_optimizer(stage, None)})
+    optimizer = make_optimizer(ft, params, {**prepared.layer_lr, **ft.layer_lr})
     scheduler = make_scheduler(ft, optimizer, max(steps, 1))
-    return StageRun(stage, prepared, model, optimizer, scheduler, train, val if splits.get("val") else None, cache,
-                    sum(p.numel() for _, p in params))
+    has_val = bool(ctx.plan.splits.get("val"))
+    return StageRun(stage, ft, prepared, model, params, optimizer, scheduler, train, val if has_val else None, cache,
+                    probe, rows)
+
+
+def _resolve_optimizer(stage: Stage, probe_head_name: Optional[str]) -> str:
+    ft = stage.fine_tune
+    if ft.optimizer == "lbfgs" and probe_head_name is None:
+        raise SpecError([(stage.fine_tune_loc("optimizer"), "lbfgs fits a single Linear head on cached features held "
+                          "in memory; this stage trains more than that, on images, or its rows exceed cache.memory_mib")])
+    if ft.optimizer == "auto":
+        return "lbfgs" if probe_head_name and not ft.layer_lr and ft.layer_decay is None else "adam"
+    return ft.optimizer
+
+
+def _image_inputs(ctx: FitContext, stage: Stage, prepared: Prepared):
+    ft, splits, pp, dev = stage.fine_tune, ctx.plan.splits, prepared.preprocess, ctx.device
+    threads = decode_threads(ctx.data.num_workers, dev)
+    augment = augmentation(stage.augment, pp) if stage.augment is not None else None
+    train = lambda g: image_batches(ImageLoader(splits["train"], pp, ft.batch_size, dev, threads, augment,
+                                                order=torch.randperm(len(splits["train"]), generator=g).tolist()))
+    val = lambda: image_batches(ImageLoader(splits["val"], pp, ctx.data.batch_size, dev, threads))
+    return train, val, math.ceil(len(splits["train"]) / ft.batch_size)
+
+
+def _cache_inputs(ctx: FitContext, stage: Stage, prepared: Prepared, cache: FeatureCache):
+    """Batches from the cache; rows on the device when they fit; a probe fit when the head allows one."""
+    ft = stage.fine_tune
+    memory = ctx.device if _fits_in_memory(cache, ctx.cache.memory_mib) else None
+    train_rows, val_rows = CacheRows(cache, "train", memory), CacheRows(cache, "val", memory)
+    head = None
+    if train_rows.memory is not None and ft.optimizer in ("auto", "lbfgs"):
+        head = probe_head(prepared.trainable(), [f["shape"] for f in cache.manifest["frontier"]])
+    probe = None
+    if _resolve_optimizer(stage, head) == "lbfgs":
+        mean, std = standardize(train_rows.memory[0], [val_rows.memory[0] if val_rows.memory else []])
+        probe = Probe(head, mean, std)
+    steps = 1 if probe else sum(math.ceil(rows / ft.batch_size) for rows in cache.shard_rows("train"))
+    train = lambda g: train_rows.batches(ft.batch_size, g)
+    val = lambda: val_rows.batches(1024, None)
+    return train, val, steps, probe, train_rows
 
 
 def _apply_dropout(model: nn.Module, frozen_modules: list[str], p: Optional[float]) -> None:
@@ -295,7 +335,7 @@ def _threads_for(sr: StageRun, device: torch.device):
     """A small head on the cache runs on one CPU thread: its matrix products are too
     small to split, and on a busy machine threads waiting for each other cost 20x
     (a digits head fit: 83 s with the default threads, 4.1 s with one)."""
-    small = sr.cache is not None and sr.trainable_params * sr.stage.fine_tune.batch_size < 50_000_000
+    small = sr.cache is not None and sr.trainable_params * sr.ft.batch_size < 50_000_000
     if device.type != "cpu" or not small:
         yield
         return
@@ -313,12 +353,18 @@ def epoch_seed(seed: int, stage: int, epoch: int) -> int:
 
 def _one_epoch(ctx: FitContext, sr: StageRun, epoch: int) -> dict:
     """Train one epoch, then validate; the metrics row."""
-    ft = sr.stage.fine_tune
+    ft = sr.ft
     seed = epoch_seed(ft.seed, sr.stage.index, epoch)
     torch.manual_seed(seed)  # dropout, augmentation (in-process)
     lr = max(g["lr"] for g in sr.optimizer.param_groups)
-    train = run_epoch(sr.model, sr.train_batches(torch.Generator().manual_seed(seed)), ctx.device,
-                      sr.optimizer, sr.scheduler, ft)
+    if sr.probe is not None:
+        inputs, labels = sr.train_rows.memory
+        head = sr.prepared.model.get_submodule(sr.probe.head)
+        train = lbfgs_epoch(sr.model, inputs, labels, sr.optimizer, sr.probe.l2, [head.weight])
+        sr.scheduler.step()
+    else:
+        train = run_epoch(sr.model, sr.train_batches(torch.Generator().manual_seed(seed)), ctx.device,
+                          sr.optimizer, sr.scheduler, ft)
     ctx.hooks.on_train_epoch_end(sr.stage, epoch, sr.model)
     row = {"stage": sr.stage.name, "epoch": epoch, "train_loss": train["loss"], "train_acc": train["acc"], "lr": lr}
     if sr.val_batches is not None:
@@ -344,6 +390,8 @@ def _fit_stage(ctx: FitContext, stage: Stage, state: Optional[ResumeState], rows
     sr = _setup_stage(ctx, stage)
     es = EarlyStopping(stage.fine_tune.early_stopping, ctx.trained_state)
     first = _restore_stage(ctx, sr, es, state)
+    if sr.probe is not None:
+        sr.probe.l2 = _probe_l2(ctx, sr, state)
     last_row: dict = {}
     epochs_run = first - 1
     tag = f"{stage.name} ({stage.input}) " if stage.loc or stage.input == "images" else ""
@@ -359,17 +407,46 @@ def _fit_stage(ctx: FitContext, stage: Stage, state: Optional[ResumeState], rows
             rows, epochs_run = rows + 1, epoch
             es.update(last_row, epoch)
             state_now = ResumeState(stage=stage.index, epoch=epoch, rows=rows, summaries=summaries,
-                                    frozen_hash=ctx.frozen_hash, **es.fields())
+                                    frozen_hash=ctx.frozen_hash, l2=sr.probe.l2 if sr.probe else None, **es.fields())
             _save_resume(ctx, state_now, sr, es)
             status = f"loss {last_row['train_loss']:.4f}" + (f"  val_acc {last_row['val_acc']:.4f}" if "val_acc" in last_row else "")
             task.advance(1, status=status + ("  early stop" if es.stopped else ""))
     if es.best_state is not None:
         # Early stopping keeps the best epoch's model, not the last one.
         sr.prepared.model.load_state_dict(es.best_state, strict=False)
+    if sr.probe is not None:
+        sr.probe.fold(sr.prepared.model)
     ctx.hooks.on_stage_end(stage, sr.prepared.model)
     summary = StageSummary(name=stage.name, input=stage.input, frontier=sr.prepared.split.frontier_names,
-                           epochs_run=epochs_run, best_epoch=es.best_epoch or None, trainable_params=sr.trainable_params)
+                           epochs_run=epochs_run, best_epoch=es.best_epoch or None, trainable_params=sr.trainable_params,
+                           optimizer=sr.ft.optimizer, l2=sr.probe.l2 if sr.probe else None)
     return rows, last_row, sr, summary
+
+
+def _probe_l2(ctx: FitContext, sr: StageRun, state: Optional[ResumeState]) -> float:
+    """The probe's L2: the recipe's weight_decay, the one a resumed run chose, or the best on val."""
+    if sr.ft.weight_decay > 0:
+        return sr.ft.weight_decay
+    if state is not None and state.epoch > 0 and state.l2 is not None:
+        return state.l2
+    if sr.val_batches is None:
+        return L2_WITHOUT_VAL
+    start = {k: v.detach().clone() for k, v in sr.prepared.model.state_dict().items() if k in ctx.trained}
+
+    def fit_with(l2: float) -> dict:
+        sr.prepared.model.load_state_dict(start, strict=False)
+        optimizer = make_optimizer(sr.ft, sr.params)
+        inputs, labels = sr.train_rows.memory
+        head = sr.prepared.model.get_submodule(sr.probe.head)
+        for _ in range(sr.ft.epochs):
+            lbfgs_epoch(sr.model, inputs, labels, optimizer, l2, [head.weight])
+        return run_epoch(sr.model, sr.val_batches(), ctx.device)
+
+    with _threads_for(sr, ctx.device):
+        chosen = choose_l2(fit_with)
+    sr.prepared.model.load_state_dict(start, strict=False)
+    ctx.reporter.info(f"{sr.stage.name}: linear probe fit, L2 {chosen:g} chosen on val")
+    return chosen
 
 
 def _save_resume(ctx: FitContext, state: ResumeState, sr: StageRun, es: EarlyStopping) -> None:

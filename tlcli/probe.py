@@ -1,0 +1,98 @@
+"""Linear probe: fit a single Linear head on cached features the way logistic regression is fitted.
+
+When a cache stage trains exactly one Linear layer on one flat frontier
+tensor, and its rows are held in memory, `optimizer: auto` fits it like a
+linear probe: inputs standardised with the train rows' mean and std, the
+whole train split as one batch, L-BFGS with a line search, and an L2
+penalty chosen on the validation split. At the end of the stage the
+standardisation is folded into the Linear layer (W/std, b - W.mean), so
+the saved model keeps its shape and takes the raw features.
+
+Why: on digits as PNGs (Lite0 features), adam with tl's old defaults (lr
+0.001, 10 epochs) scored 0.922 on test where scikit-learn's standardised
+LogisticRegression scored 0.964; this fit scores 0.967, in under a second.
+Standardising alone made adam worse (it overfits 1280 standardised inputs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# L2 penalties tried on the validation split when the recipe leaves weight_decay at 0.
+L2_GRID = (1e-4, 1e-3, 1e-2)
+# Without a validation split: about scikit-learn's C=1 for a thousand rows.
+L2_WITHOUT_VAL = 1e-3
+
+
+@dataclass
+class Probe:
+    head: str  # the Linear module's name in the model
+    mean: torch.Tensor
+    std: torch.Tensor
+    l2: Optional[float] = None  # chosen (or given) before the epochs start
+
+    def fold(self, model: nn.Module) -> None:
+        """Fold the standardisation into the head: it then takes raw features."""
+        linear = model.get_submodule(self.head)
+        with torch.no_grad():
+            weight = linear.weight / self.std.to(linear.weight)
+            linear.bias.sub_(weight @ self.mean.to(linear.weight))
+            linear.weight.copy_(weight)
+
+
+def probe_head(trainable: torch.fx.GraphModule, frontier_shapes: list[list[int]]) -> Optional[str]:
+    """The Linear layer's name when the trainable part is one Linear (with a bias) on one flat input."""
+    calls = [n for n in trainable.graph.nodes if n.op not in ("placeholder", "output")]
+    if len(calls) != 1 or calls[0].op != "call_module" or len(frontier_shapes) != 1 or len(frontier_shapes[0]) != 1:
+        return None
+    module = trainable.get_submodule(calls[0].target)
+    return calls[0].target if isinstance(module, nn.Linear) and module.bias is not None else None
+
+
+def standardize(train: list[torch.Tensor], others: list[list[torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Standardise the (single) frontier tensor of train and the other splits in place, with train's statistics."""
+    x = train[0]
+    mean = x.double().mean(0)
+    std = x.double().std(0, unbiased=False)
+    # A constant feature is left unscaled: dividing by ~0 would blow up its weight when folded.
+    std = torch.where(std > 1e-6, std, torch.ones_like(std))
+    mean, std = mean.to(x.dtype), std.to(x.dtype)
+    for tensors in [train, *others]:
+        if tensors:
+            tensors[0].sub_(mean).div_(std)
+    return mean, std
+
+
+def lbfgs_epoch(model, inputs: list[torch.Tensor], labels: torch.Tensor, optimizer: torch.optim.LBFGS,
+                l2: float, weights: list[torch.Tensor]) -> dict:
+    """One L-BFGS step (up to 20 iterations) on the whole train split; then its loss and accuracy."""
+    model.train(True)
+
+    def closure():
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(inputs), labels) + 0.5 * l2 * sum(w.pow(2).sum() for w in weights)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    model.train(False)
+    with torch.no_grad():
+        logits = model(inputs)
+        loss = F.cross_entropy(logits, labels).item()
+        correct = (logits.argmax(1) == labels).sum().item()
+    return {"loss": loss, "acc": correct / max(len(labels), 1), "n": len(labels)}
+
+
+def choose_l2(fit: Callable[[float], dict]) -> float:
+    """The L2 whose fit scores best on val (accuracy, then loss); `fit(l2)` trains from the
+    same start and returns the val metrics."""
+    scored = []
+    for l2 in L2_GRID:
+        val = fit(l2)
+        scored.append((-val["acc"], val["loss"], l2))
+    return min(scored)[2]
