@@ -49,3 +49,34 @@ def test_evaluate_warns_when_the_data_changed_since_fit(tmp_path, cli):
     victim.write_bytes(sorted((root / "b").iterdir())[0].read_bytes())
     code, out = cli("evaluate", path)
     assert code == 0 and "warning: the data set has changed since this run was fit" in out
+
+
+def test_evaluate_scores_from_the_cache_and_matches_the_raw_images(tmp_path):
+    """When the test split's cache matches the model's key, evaluate reads it instead of
+    decoding and running the frozen part again; the scores are the same either way."""
+    import shutil
+
+    from tlcli.evaluate import evaluate
+    from tlcli.recipe import Recipe
+    from tlcli.train import fit
+
+    import torch
+
+    from tlcli.checkpoint import load_checkpoint
+    from tlcli.data import plan_data
+    from tlcli.evaluate import cached_logits, predict
+    from tlcli.progress import Reporter
+
+    recipe = Recipe.model_validate(tiny_recipe(tmp_path))
+    result = fit(recipe)
+    ckpt, plan, cpu = load_checkpoint(result.run_dir), plan_data(recipe.data), torch.device("cpu")
+    logits, labels = cached_logits(ckpt, plan, recipe.cache, cpu)
+    raw_logits, raw_labels = predict(ckpt.model, plan.splits["test"], ckpt.preprocess, 8, 0, cpu, Reporter())
+    assert (labels == raw_labels).all()
+    torch.testing.assert_close(torch.from_numpy(logits), torch.from_numpy(raw_logits), atol=1e-4, rtol=0)
+
+    from_cache = evaluate(result.run_dir)
+    shutil.rmtree(tmp_path / "cache")
+    from_images = evaluate(result.run_dir)
+    assert (from_cache.source, from_images.source) == ("cache", "images")
+    assert from_cache.metrics["confusion_matrix"] == from_images.metrics["confusion_matrix"]

@@ -45,7 +45,8 @@ output_dir: runs/x
 def test_minimal_recipe_fills_defaults():
     r = parse_recipe(GOOD)
     assert r.base.weights.name == "embedded"
-    assert r.fine_tune.optimizer == "adam" and r.cache.dtype == "float32" and r.device == "auto"
+    assert r.fine_tune.optimizer == "auto" and r.cache.dtype == "float32" and r.device == "auto"
+    assert r.data.num_workers == "auto"
 
 
 def test_all_problems_reported_at_once_with_lines_and_suggestions():

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tlcli.build import prepare
+from tlcli.build import Prepared, prepare
 from tlcli.errors import RunError
 from tlcli.graph import TransferModel
 from tlcli.preprocess import Preprocess
@@ -20,6 +20,7 @@ from tlcli.rundir import WEIGHTS, CheckpointMeta, RunDir
 class Checkpoint:
     meta: CheckpointMeta
     model: TransferModel
+    prepared: Prepared  # the same model under the last stage's split (frozen part, frontier, trainable part)
 
     @property
     def preprocess(self) -> Preprocess:
@@ -41,7 +42,7 @@ def load_checkpoint(run_dir) -> Checkpoint:
     run = RunDir(run_dir)
     meta = run.read_meta()
     recipe = run.read_recipe()
-    prepared = prepare(recipe, meta.class_names, weights=False)
+    prepared = prepare(recipe, meta.class_names, recipe.stage_plan()[-1], weights=False)
     try:
         prepared.model.load_state_dict(run.weights(), strict=True)
     except RuntimeError as err:  # missing, unexpected or reshaped tensors: the file does not fit
@@ -49,4 +50,4 @@ def load_checkpoint(run_dir) -> Checkpoint:
         raise RunError(f"{run / WEIGHTS}: does not fit the run's model ({first}); fit the run again with --force") from None
     model = TransferModel(prepared.model, meta.frozen_modules, meta.frozen_attrs)
     model.eval()
-    return Checkpoint(meta, model)
+    return Checkpoint(meta, model, prepared)

@@ -161,6 +161,8 @@ def evaluate(
     m = result.metrics
     for w in result.warnings:
         typer.echo(f"warning: {w}", err=True)
+    if result.source == "cache":
+        typer.echo("scored from the feature cache's test split (same features as the raw images, computed once)", err=True)
     topk = next(k for k in m if k.startswith("top"))
     typer.echo(f"{'class':>12} {'precision':>9} {'recall':>9} {'f1':>9} {'support':>8}")
     for name, c in m["per_class"].items():

@@ -9,16 +9,17 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 
-from tlcli.checkpoint import load_checkpoint
+from tlcli.checkpoint import Checkpoint, load_checkpoint
 from tlcli.data import plan_data
 from tlcli.errors import RunError
-from tlcli.features import digest_index
+from tlcli.features import cache_key, digest_index, key_components, open_cache
 from tlcli.files import write_json_atomic
-from tlcli.pipeline import ImageLoader, decode_threads
+from tlcli.pipeline import ImageLoader, decode_threads, decoder_name
 from tlcli.plots import plot_confusion
 from tlcli.progress import Reporter
 from tlcli.recipe import load_recipe
@@ -31,6 +32,7 @@ class EvalResult:
     run_dir: Path
     metrics: dict
     warnings: list[str]
+    source: str  # "cache": the test split's cached features through the trainable part; "images"
 
 
 def run_dir_of(target: Path) -> Path:
@@ -67,15 +69,37 @@ def evaluate(target: Path, reporter: Reporter = Reporter(), device_spec: str | N
         warnings.append("the data set has changed since this run was fit; scoring the current test split")
     if plan.class_names != ckpt.class_names:
         raise RunError(f"{run}: the data's classes {plan.class_names} differ from the run's {ckpt.class_names}")
-    pairs = plan.splits["test"]
     device = resolve_device(device_spec or recipe.device)
-    logits, y = predict(ckpt.model, pairs, ckpt.preprocess, recipe.data.batch_size, recipe.data.num_workers, device, reporter)
-    metrics = score(logits, y, ckpt.class_names)
+    scored = cached_logits(ckpt, plan, recipe.cache, device)
+    source = "cache" if scored is not None else "images"
+    logits, y = scored if scored is not None else predict(
+        ckpt.model, plan.splits["test"], ckpt.preprocess, recipe.data.batch_size, recipe.data.num_workers, device, reporter)
+    metrics = {**score(logits, y, ckpt.class_names), "scored_from": source}
     out = run.eval_dir()
     write_json_atomic(out / EVAL_METRICS, {k: v for k, v in metrics.items() if k != "confusion_matrix"})
     write_json_atomic(out / EVAL_CONFUSION, {"labels": ckpt.class_names, "matrix": metrics["confusion_matrix"]})
     plot_confusion(np.array(metrics["confusion_matrix"]), ckpt.class_names, out / EVAL_CONFUSION_PLOT, metrics["accuracy"])
-    return EvalResult(run.path, metrics, warnings)
+    return EvalResult(run.path, metrics, warnings, source)
+
+
+def cached_logits(ckpt: Checkpoint, plan, cache_spec, device) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """The test split's logits from the feature cache, when a float32 cache with this model's key
+    exists: its rows are what the frozen part computes on these very images, so the trainable
+    part on them gives the full model's output without decoding or running the frozen part."""
+    if cache_spec.dtype != "float32":
+        return None  # bf16 features differ from the fp32 full model's
+    prepared = ckpt.prepared
+    key = cache_key(key_components(prepared, plan, prepared.extractor(), cache_spec.dtype, decoder_name(device)))
+    cache = open_cache(Path(cache_spec.dir).expanduser() / key)
+    if cache is None or cache.count("test") != len(plan.splits.get("test", [])) or not cache.count("test"):
+        return None
+    trainable = prepared.trainable().to(device).eval()
+    logits, labels = [], []
+    with torch.inference_mode():
+        for frontier, y in cache.iterate("test"):
+            logits.append(trainable(*[f.to(device) for f in frontier]).float().cpu())
+            labels.append(y)
+    return torch.cat(logits).numpy(), torch.cat(labels).numpy()
 
 
 def score(logits: np.ndarray, y: np.ndarray, class_names: list[str]) -> dict:

@@ -100,14 +100,26 @@ def _decode_file(path: str, channels: int) -> torch.Tensor:
 
     if os.path.splitext(path)[1].lower() in TORCHVISION_SUFFIXES:
         try:
-            image = decode_image(read_file(path), mode=ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY)
-            if image.dtype == torch.uint16:  # 16-bit PNG: scale, don't truncate
-                image = (image.to(torch.int32) * 255 + 32767).div(65535, rounding_mode="floor").to(torch.uint8)
-            if image.dtype == torch.uint8:
-                return image
+            image = decode_image(read_file(path), mode=ImageReadMode.UNCHANGED)
         except (RuntimeError, ValueError):
-            pass  # let PIL try, and say what is wrong if it can't either
+            return _decode_with_pil(path, channels)  # PIL tries, and says what is wrong if it can't either
+        if image.dtype == torch.uint16:  # 16-bit PNG: scale, don't truncate
+            image = (image.to(torch.int32) * 255 + 32767).div(65535, rounding_mode="floor").to(torch.uint8)
+        if image.dtype == torch.uint8 and image.shape[0] in (1, 2, 3, 4):
+            return _channels(image, channels)
     return _decode_with_pil(path, channels)
+
+
+def _channels(image: torch.Tensor, channels: int) -> torch.Tensor:
+    """Grey, grey+alpha, RGB or RGBA (uint8) -> `channels` channels; alpha composited on white."""
+    if image.shape[0] in (2, 4):
+        alpha = image[-1:].float() / 255.0
+        image = (image[:-1].float() * alpha + 255.0 * (1.0 - alpha)).round_().to(torch.uint8)
+    if channels == 3 and image.shape[0] == 1:
+        return image.expand(3, -1, -1).contiguous()
+    if channels == 1 and image.shape[0] == 3:
+        return TF.rgb_to_grayscale(image)
+    return image
 
 
 def _decode_with_pil(path: str, channels: int) -> torch.Tensor:
@@ -120,7 +132,7 @@ def _decode_with_pil(path: str, channels: int) -> torch.Tensor:
         raise
     except Exception as err:  # PIL raises many types for bad files; all mean "unreadable"
         raise DataError(f"{path}: cannot read image: {err}") from None
-    t = torch.from_numpy(np.ascontiguousarray(arr))
+    t = torch.from_numpy(np.array(arr))  # a writable copy: PIL's arrays are read-only
     return t.permute(2, 0, 1).contiguous() if t.ndim == 3 else t.unsqueeze(0)
 
 

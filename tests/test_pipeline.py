@@ -1,0 +1,114 @@
+"""The input pipeline: backend choice, prefetching equals serial loading, decoders agree,
+and every image mode becomes the right 8-bit pixels."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tlcli.pipeline import (
+    ImageLoader,
+    _decode_with_pil,
+    decode_threads,
+    decoder_name,
+    fit_to_size,
+    read_image,
+    to_model_input,
+)
+from tlcli.preprocess import Preprocess
+
+PP = Preprocess(32, 32, "squash", (0.5,) * 3, (0.5,) * 3, "bilinear")
+
+
+def test_auto_threads_follow_the_cores_and_the_device(monkeypatch):
+    import tlcli.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "available_cores", lambda: 16)
+    assert decode_threads("auto", torch.device("cuda")) == 15  # the GPU computes; the CPU decodes
+    assert decode_threads("auto", torch.device("cpu")) == 4  # the CPU computes too
+    monkeypatch.setattr(pipeline, "available_cores", lambda: 2)
+    assert decode_threads("auto", torch.device("cpu")) == 1
+    assert decode_threads(3, torch.device("cpu")) == 3 and decode_threads(0, torch.device("cpu")) == 0
+
+
+def test_nvjpeg_is_chosen_on_cuda_only(monkeypatch):
+    assert decoder_name(torch.device("cpu")) == "libjpeg-turbo"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert decoder_name(torch.device("cuda")) == "nvjpeg"
+    assert decoder_name(torch.device("cpu")) == "libjpeg-turbo"
+
+
+def _photos(tmp_path, n=10):
+    import skimage.data
+
+    cat = skimage.data.chelsea()
+    paths = []
+    for i in range(n):
+        crop = cat[i * 10 : i * 10 + 200, i * 15 : i * 15 + 250]
+        path = tmp_path / f"{i}.jpg"
+        Image.fromarray(crop).save(path, quality=90)
+        paths.append((str(path), i % 3))
+    return paths
+
+
+def test_threads_and_prefetch_give_the_same_batches_as_serial_loading(tmp_path):
+    pairs = _photos(tmp_path)
+    cpu = torch.device("cpu")
+    serial = list(ImageLoader(pairs, PP, 4, cpu, threads=0))
+    threaded = list(ImageLoader(pairs, PP, 4, cpu, threads=3, prefetch=2))
+    assert [len(y) for _, y in threaded] == [4, 4, 2]
+    for (a, ya), (b, yb) in zip(serial, threaded):
+        assert torch.equal(a, b) and torch.equal(ya, yb)
+    order = [9, 0, 5, 1, 2, 3, 4, 6, 7, 8]
+    first, labels = next(iter(ImageLoader(pairs, PP, 4, cpu, threads=2, order=order)))
+    assert labels.tolist() == [pairs[i][1] for i in order[:4]]
+    assert first.is_contiguous(memory_format=torch.channels_last) and first.dtype == torch.float32
+
+
+@pytest.mark.real
+def test_decoders_and_resize_paths_bound_the_feature_difference(tmp_path):
+    """torchvision.io and PIL decode JPEGs with the same libjpeg-turbo; the uint8 resize of the
+    pipeline rounds where the old float path did not. Both must leave Lite0's features alone."""
+    from tlcli.recipe import BaseSpec, WeightsSpec
+    from tlcli.zoo import build_base
+
+    base = build_base(BaseSpec(zoo="timm", model="tf_efficientnet_lite0", weights=WeightsSpec(name="embedded")))
+    pp, cpu = base.preprocess, torch.device("cpu")
+    paths = [p for p, _ in _photos(tmp_path, 4)]
+    tv = torch.stack([fit_to_size(read_image(p), pp) for p in paths])
+    pil = torch.stack([fit_to_size(_decode_with_pil(p, 3), pp) for p in paths])
+    assert (tv.int() - pil.int()).abs().max() <= 1  # the same library; at most rounding
+    old = torch.stack([fit_to_size(read_image(p).float() / 255, pp) for p in paths])  # tl 0.1's float path
+    features = base.model.eval()
+    with torch.no_grad():
+        a, b, c = (features.forward_features(to_model_input(x, pp, cpu)).mean((2, 3)) for x in (tv, pil, old))
+    for other in (b, c):
+        cos = torch.nn.functional.cosine_similarity(a, other).min()
+        assert cos > 0.999, cos
+
+
+@pytest.mark.parametrize("mode,make,expected", [
+    ("I;16", lambda: Image.fromarray(np.full((4, 4), 32896, np.uint16)), 128),  # 32896 / 65535 * 255 = 128
+    ("I", lambda: Image.fromarray(np.full((4, 4), 40000, np.int32)), 156),  # 16-bit range in a 32-bit image
+    ("F", lambda: Image.fromarray(np.full((4, 4), 0.25, np.float32)), 64),  # floats are [0, 1]
+    ("P", lambda: Image.fromarray(np.full((4, 4), 200, np.uint8)).convert("P"), 200),
+    ("CMYK", lambda: Image.new("CMYK", (4, 4), (0, 0, 0, 0)), 255),  # no ink: white
+    ("RGBA", lambda: Image.new("RGBA", (4, 4), (0, 0, 0, 0)), 255),  # transparent: white background
+    ("LA", lambda: Image.new("LA", (4, 4), (100, 255)), 100),
+])
+def test_every_image_mode_becomes_the_right_8_bit_pixels(tmp_path, mode, make, expected):
+    image = make()
+    assert image.mode == mode
+    path = tmp_path / ("x.tiff" if mode in ("I", "F", "CMYK") else "x.png")
+    image.save(path)
+    pixels = read_image(str(path))
+    assert pixels.dtype == torch.uint8 and pixels.shape == (3, 4, 4)
+    assert int(pixels[0, 0, 0]) == expected, pixels[:, 0, 0]
+
+
+def test_16_bit_png_through_torchvision_keeps_its_grey_levels(tmp_path):
+    grey = np.linspace(0, 65535, 16, dtype=np.uint16).reshape(4, 4)
+    Image.fromarray(grey).save(tmp_path / "x.png")
+    pixels = read_image(str(tmp_path / "x.png"))
+    assert len(torch.unique(pixels)) == 16  # not crushed to two levels
+    assert int(pixels[0, 0, 0]) == 0 and int(pixels[0, 3, 3]) == 255
