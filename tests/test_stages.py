@@ -314,3 +314,14 @@ def test_resume_state_holds_only_trained_tensors_and_pins_the_rest(tmp_path, cli
     assert code == 1 and "frozen weights changed since this run started" in out
     weights(1)
     assert cli("fit", path, "--resume")[0] == 0
+
+
+def test_a_cache_holds_only_the_splits_something_reads(tmp_path):
+    """Stage 1's cache trains stage 1; evaluate scores the final model, whose frozen part is
+    stage 2's: stage 1's test rows would never be read, so they are not computed."""
+    fit(Recipe.model_validate(two_stage(tmp_path)))
+    manifests = [json.loads(m.read_text()) for m in (tmp_path / "cache").glob("*/manifest.json")]
+    assert [sorted(m["splits"]) for m in manifests] == [["train", "val"]]
+    fit(Recipe.model_validate(tiny_recipe(tmp_path / "one", cache={"dir": str(tmp_path / "cache1")})))
+    manifests = [json.loads(m.read_text()) for m in (tmp_path / "cache1").glob("*/manifest.json")]
+    assert [sorted(m["splits"]) for m in manifests] == [["test", "train", "val"]]

@@ -70,6 +70,9 @@ def evaluate(target: Path, reporter: Reporter = Reporter(), device_spec: str | N
     if plan.class_names != ckpt.class_names:
         raise RunError(f"{run}: the data's classes {plan.class_names} differ from the run's {ckpt.class_names}")
     device = resolve_device(device_spec or recipe.device)
+    if plan.kind == "files" and ckpt.meta.decoder not in (None, decoder_name(device)):
+        warnings.append(f"this run was fit on JPEGs decoded by {ckpt.meta.decoder}; {decoder_name(device)} decodes "
+                        "them here (pixels may differ by 1)")
     scored = cached_logits(ckpt, plan, recipe.cache, device)
     source = "cache" if scored is not None else "images"
     logits, y = scored if scored is not None else predict(

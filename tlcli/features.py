@@ -16,7 +16,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -26,7 +26,7 @@ from tlcli.data import DataPlan, plan_data
 from tlcli.files import atomic_write, write_json_atomic
 from tlcli.pipeline import ImageLoader, decode_threads, decoder_name
 from tlcli.progress import Reporter
-from tlcli.recipe import CacheSpec, DataSpec, Recipe
+from tlcli.recipe import CacheSpec, DataSpec, Recipe, Stage
 from tlcli.zoo import resolve_device
 
 # 2: images are resized in uint8 by the pipeline (rounding differs from format 1's float resize).
@@ -46,8 +46,9 @@ def hash_tensors(state: dict[str, torch.Tensor]) -> str:
 
 
 def key_components(prepared: Prepared, plan: DataPlan, extractor: torch.fx.GraphModule, dtype: str,
-                   decoder: str = "libjpeg-turbo") -> dict:
-    """Everything that determines the cached features, one hash or value each."""
+                   decoder: str = "libjpeg-turbo", splits: Optional[Sequence[str]] = None) -> dict:
+    """Everything that determines the cached features, one hash or value each; `splits`: which
+    of the plan's splits the cache holds (all by default)."""
     split = prepared.split
     frozen_names = set(split.frozen_state_names(prepared.model))
     frozen_state = {k: v for k, v in prepared.model.state_dict().items() if k in frozen_names}
@@ -64,6 +65,7 @@ def key_components(prepared: Prepared, plan: DataPlan, extractor: torch.fx.Graph
         "dtype": dtype,
         # nvjpeg and libjpeg-turbo differ by +-1 in some pixels; the digits array is not decoded.
         "decoder": decoder if plan.kind == "files" else None,
+        "splits": sorted(splits if splits is not None else plan.splits),
     }
 
 
@@ -182,9 +184,12 @@ def featurize(
     data: DataSpec,
     reporter: Reporter = Reporter(),
     force: bool = False,
+    splits: Optional[Sequence[str]] = None,
 ) -> FeatureCache:
-    """The cache for this model's frozen part and data, built when missing (or forced)."""
-    components = key_components(prepared, plan, prepared.extractor(), cache.dtype, decoder_name(device))
+    """The cache for this model's frozen part and data (the plan's `splits`, all by default),
+    built when missing (or forced)."""
+    splits = [s for s in plan.splits if splits is None or s in splits]
+    components = key_components(prepared, plan, prepared.extractor(), cache.dtype, decoder_name(device), splits)
     key = cache_key(components)
     final = Path(cache.dir).expanduser() / key
     existing = open_cache(final)
@@ -196,7 +201,8 @@ def featurize(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     threads = decode_threads(data.num_workers, device)
-    manifest = _write_splits(prepared, plan, _Extractor(prepared, device, cache.dtype), tmp, cache, data, threads, reporter)
+    manifest = _write_splits(prepared, plan, splits, _Extractor(prepared, device, cache.dtype), tmp, cache, data, threads,
+                             reporter)
     manifest.update(key=key, components=components)
     # The manifest is written last: its presence is what marks a cache complete.
     write_json_atomic(tmp / MANIFEST, manifest)
@@ -209,13 +215,14 @@ def featurize(
     return written
 
 
-def _write_splits(prepared: Prepared, plan: DataPlan, extract: _Extractor, tmp: Path, cache: CacheSpec,
-                  data: DataSpec, threads: int, reporter: Reporter) -> dict:
+def _write_splits(prepared: Prepared, plan: DataPlan, splits: list[str], extract: _Extractor, tmp: Path,
+                  cache: CacheSpec, data: DataSpec, threads: int, reporter: Reporter) -> dict:
     """Every split through the frozen part into shards; the manifest's content, less its key."""
     manifest = {"format": CACHE_FORMAT, "frontier": [], "class_names": plan.class_names, "splits": {}}
     dtype_name = str(extract.store_dtype).removeprefix("torch.")
     started = time.perf_counter()
-    for split_name, pairs in plan.splits.items():
+    for split_name in splits:
+        pairs = plan.splits[split_name]
         writer = ShardWriter(tmp, split_name, cache.shard_size)
         batches = ImageLoader(pairs, prepared.preprocess, data.batch_size, extract.device, threads)
         with reporter.task(f"featurize {split_name}", total=len(pairs), unit="img") as task, torch.inference_mode():
@@ -257,5 +264,14 @@ def featurize_recipe(recipe: Recipe, reporter: Reporter = Reporter(), force: boo
         plan = plan_data(recipe.data, digest_index(recipe.cache))
         prepared = prepare(recipe, plan.class_names)
         device = resolve_device(recipe.device)
-        return [featurize(prepared.for_stage(stage), plan, device, recipe.cache, recipe.data, reporter, force=force)
-                for stage in recipe.stage_plan() if stage.input == "cache"]
+        stages = recipe.stage_plan()
+        return [featurize(prepared.for_stage(stage), plan, device, recipe.cache, recipe.data, reporter, force=force,
+                          splits=splits_read_by(stage, stages))
+                for stage in stages if stage.input == "cache"]
+
+
+def splits_read_by(stage: Stage, stages: list[Stage]) -> list[str]:
+    """What a stage's cache must hold: train and val for training; test only for the last
+    stage, whose frozen part and cache evaluate shares (an earlier stage's test rows would
+    never be read)."""
+    return ["train", "val", "test"] if stage.index == stages[-1].index else ["train", "val"]

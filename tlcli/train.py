@@ -32,9 +32,9 @@ from tlcli.build import Prepared, prepare
 from tlcli.checkpoint import save_checkpoint
 from tlcli.data import DataPlan, plan_data
 from tlcli.errors import RunError, SpecError
-from tlcli.features import FeatureCache, digest_index, featurize, hash_tensors
+from tlcli.features import FeatureCache, digest_index, featurize, hash_tensors, splits_read_by
 from tlcli.optim import make_optimizer, make_scheduler
-from tlcli.pipeline import ImageLoader, augmentation, decode_threads
+from tlcli.pipeline import ImageLoader, augmentation, decode_threads, decoder_name
 from tlcli.plots import plot_curves
 from tlcli.probe import L2_WITHOUT_VAL, Probe, choose_l2, lbfgs_epoch, probe_head, standardize
 from tlcli.progress import Reporter
@@ -226,6 +226,7 @@ class FitContext:
     device: torch.device
     reporter: Reporter
     hooks: FitHooks
+    stages: list[Stage] = field(default_factory=list)
     # State-dict names some stage trains: resume files hold only these. The rest
     # is rebuilt from the recipe and pinned by `frozen_hash`.
     trained: set[str] = field(default_factory=set)
@@ -263,7 +264,8 @@ def _setup_stage(ctx: FitContext, stage: Stage) -> StageRun:
     ft = stage.fine_tune
     prepared = ctx.prepared.for_stage(stage)
     on_images = stage.input == "images"
-    cache = None if on_images else featurize(prepared, ctx.plan, ctx.device, ctx.cache, ctx.data, ctx.reporter)
+    cache = None if on_images else featurize(prepared, ctx.plan, ctx.device, ctx.cache, ctx.data, ctx.reporter,
+                                             splits=splits_read_by(stage, ctx.stages))
     model = StageModel(prepared, on_images, ctx.device, ft.train_bn)
     _apply_dropout(prepared.model, model.transfer.frozen_modules, ft.dropout)
     params = [(n, p) for n, p in prepared.model.named_parameters() if p.requires_grad]
@@ -500,7 +502,7 @@ def fit(recipe: Recipe, reporter: Reporter = Reporter(), force: bool = False, re
         plan = plan_data(recipe.data, digest_index(recipe.cache))
         prepared = prepare(recipe, plan.class_names)
         _check_plan(stages, plan)
-        ctx = FitContext(run, prepared, plan, recipe.data, recipe.cache, device, reporter, hooks)
+        ctx = FitContext(run, prepared, plan, recipe.data, recipe.cache, device, reporter, hooks, stages)
         _pin_frozen(ctx, stages)
         if state is None:
             run.start(recipe_text)
@@ -512,7 +514,7 @@ def fit(recipe: Recipe, reporter: Reporter = Reporter(), force: bool = False, re
     save_checkpoint(run, final, CheckpointMeta(
         model=recipe.base.describe(), head_layer=prepared.head_layer, class_names=plan.class_names,
         preprocess=prepared.preprocess.to_dict(), frontier=prepared.splits[stages[-1].index].frontier_names,
-        cache_key=cache_key, data_fingerprint=plan.fingerprint(), stages=summaries,
+        cache_key=cache_key, data_fingerprint=plan.fingerprint(), stages=summaries, decoder=decoder_name(device),
         frozen_modules=final.frozen_modules, frozen_attrs=final.frozen_attrs,
     ))
     plot_curves(run.metrics(), run / CURVES)
