@@ -180,12 +180,27 @@ def test_file_weights_refuse_pickled_code(tmp_path):
     [("auto", True, "cuda"), ("auto", False, "cpu"), ("cpu", True, "cpu"), ("cuda:1", True, "cuda:1")],
 )
 def test_device_selection(spec, cuda, expected):
-    assert str(resolve_device(spec, cuda_available=cuda)) == expected
+    assert str(resolve_device(spec, cuda_available=cuda, cuda_count=2)) == expected
 
 
-def test_device_cuda_without_gpu_is_a_user_error():
+def test_a_device_that_is_not_there_is_a_user_error():
     with pytest.raises(TLError, match="no CUDA device"):
         resolve_device("cuda", cuda_available=False)
+    with pytest.raises(TLError, match="has 1 CUDA device"):
+        resolve_device("cuda:1", cuda_available=True, cuda_count=1)
+    with pytest.raises(TLError, match="Metal backend is not available"):
+        resolve_device("mps", mps_available=False)
+    assert str(resolve_device("cuda:0", cuda_available=True, cuda_count=1)) == "cuda:0"
+
+
+def test_validate_names_the_device_line_when_it_is_not_there(tmp_path, cli, monkeypatch):
+    from conftest import tiny_recipe, write_recipe
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, device="cuda"))
+    line = next(i for i, l in enumerate(path.read_text().splitlines(), 1) if l.startswith("device"))
+    code, out = cli("validate", path)
+    assert code == 1 and f"{path}:{line}: device: cuda asked for, but no CUDA device is available" in out
 
 
 def test_device_auto_follows_torch(monkeypatch):

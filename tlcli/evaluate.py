@@ -69,7 +69,8 @@ def evaluate(target: Path, reporter: Reporter = Reporter(), device_spec: str | N
         warnings.append("the data set has changed since this run was fit; scoring the current test split")
     if plan.class_names != ckpt.class_names:
         raise RunError(f"{run}: the data's classes {plan.class_names} differ from the run's {ckpt.class_names}")
-    device = resolve_device(device_spec or recipe.device)
+    with recipe.located():
+        device = resolve_device(device_spec or recipe.device)
     if plan.kind == "files" and ckpt.meta.decoder not in (None, decoder_name(device)):
         warnings.append(f"this run was fit on JPEGs decoded by {ckpt.meta.decoder}; {decoder_name(device)} decodes "
                         "them here (pixels may differ by 1)")

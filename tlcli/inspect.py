@@ -12,6 +12,7 @@ from tlcli.data import class_names_for
 from tlcli.errors import TLError
 from tlcli.graph import format_shape
 from tlcli.recipe import load_recipe
+from tlcli.zoo import resolve_device
 
 
 def validate_recipe(path: Path) -> None:
@@ -19,6 +20,7 @@ def validate_recipe(path: Path) -> None:
     graph. The architecture is built without pretrained weights or data."""
     recipe = load_recipe(path)
     with recipe.located():
+        resolve_device(recipe.device)
         prepare(recipe, class_names_for(recipe.data), weights=False)
 
 

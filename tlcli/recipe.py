@@ -9,6 +9,7 @@ key, at the section that lacks it).
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 import types
 import typing
@@ -32,7 +33,12 @@ from tlcli.errors import Problem, RecipeError, SpecError, TLError, did_you_mean
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No inf or nan anywhere: `lr: .inf` validated and then trained to NaN.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+# Seeds feed numpy's RandomState and torch generators: both take 32-bit-safe values.
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
 
 
 class WeightsSpec(Strict):
@@ -117,7 +123,7 @@ class SplitSpec(Strict):
 
     val: float = Field(default=0.1, ge=0.0, lt=1.0)
     test: float = Field(default=0.2, gt=0.0, lt=1.0)
-    seed: int = 0
+    seed: Seed = 0
 
     @model_validator(mode="after")
     def _room_to_train(self) -> "SplitSpec":
@@ -316,7 +322,7 @@ class FineTuneSpec(Strict):
     grad_clip: Optional[float] = Field(default=None, gt=0)  # max global grad norm
     epochs: int = Field(default=10, ge=1)
     batch_size: int = Field(default=64, ge=1)
-    seed: int = 0
+    seed: Seed = 0
     # Per-layer learning rates by module name (a module covers everything inside it).
     layer_lr: dict[str, float] = {}
     # Discriminative lr: each block further from the output trains at lr * layer_decay^depth.
@@ -333,9 +339,9 @@ class FineTuneSpec(Strict):
     @field_validator("layer_lr")
     @classmethod
     def _positive(cls, value: dict[str, float]) -> dict[str, float]:
-        bad = [k for k, v in value.items() if not v > 0]
+        bad = [k for k, v in value.items() if not (v > 0 and math.isfinite(v))]
         if bad:
-            raise ValueError(f"learning rates must be > 0 ({', '.join(bad)})")
+            raise ValueError(f"learning rates must be finite and > 0 ({', '.join(bad)})")
         return value
 
     @model_validator(mode="after")
@@ -352,6 +358,16 @@ class FineTuneSpec(Strict):
 class CropSpec(Strict):
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (0.75, 1.3333333333333333)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "CropSpec":
+        lo, hi = self.scale
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"scale [{lo:g}, {hi:g}] must be a range within (0, 1], smaller first")
+        lo, hi = self.ratio
+        if not 0 < lo <= hi:
+            raise ValueError(f"ratio [{lo:g}, {hi:g}] must be a positive range, smaller first")
+        return self
 
 
 class JitterSpec(Strict):
@@ -550,10 +566,69 @@ def load_recipe(path: str | Path) -> Recipe:
     return parse_recipe(text, name=str(path))
 
 
+# A recipe is a page of YAML. These bounds refuse, quickly and in one line, a file
+# that is not one: an alias bomb ("billion laughs") or nesting that would take
+# minutes, gigabytes or Python's recursion limit to expand.
+MAX_RECIPE_BYTES = 1 << 20
+MAX_NODES = 100_000
+MAX_DEPTH = 64
+
+
+def _walk_nodes(root: yaml.Node, name: str) -> list[Problem]:
+    """Count nodes as they would expand (aliases included) and check each mapping's keys once.
+
+    Raises at the first bound crossed; returns duplicate keys (at their second copy) and
+    strings with NUL bytes as problems."""
+    problems, count, seen_maps = [], 0, set()
+    stack = [(root, 1)]
+    while stack:
+        node, depth = stack.pop()
+        count += 1
+        if count > MAX_NODES:
+            raise RecipeError([Problem(name, None, "", f"the recipe expands to more than {MAX_NODES:,} YAML nodes "
+                                                       "(aliases included); refusing to read it")])
+        if depth > MAX_DEPTH:
+            raise RecipeError([Problem(name, node.start_mark.line + 1, "", f"YAML nested deeper than {MAX_DEPTH} levels")])
+        if isinstance(node, yaml.ScalarNode):
+            if "\x00" in str(node.value):
+                problems.append(Problem(name, node.start_mark.line + 1, "", "a NUL byte in a value"))
+        elif isinstance(node, yaml.MappingNode):
+            if id(node) not in seen_maps:  # an alias repeats a mapping: report its keys once
+                seen_maps.add(id(node))
+                problems.extend(_duplicate_keys(node, name))
+            stack.extend((child, depth + 1) for pair in node.value for child in pair)
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend((child, depth + 1) for child in node.value)
+    return problems
+
+
+def _duplicate_keys(node: yaml.MappingNode, name: str) -> list[Problem]:
+    first: dict[str, int] = {}
+    problems = []
+    for key, _ in node.value:
+        if not isinstance(key, yaml.ScalarNode):
+            continue
+        line = key.start_mark.line + 1
+        if key.value in first:
+            problems.append(Problem(name, line, str(key.value), f"duplicate key (first given at line {first[key.value]}); "
+                                                                "YAML would silently keep this one"))
+        else:
+            first[key.value] = line
+    return problems
+
+
 def parse_recipe(text: str, name: str = "recipe.yaml") -> Recipe:
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_RECIPE_BYTES:
+        raise RecipeError([Problem(name, None, "", f"the recipe file is over {MAX_RECIPE_BYTES // 1024} KiB; "
+                                                   "refusing to read it")])
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
+        problems = _walk_nodes(root, name) if root is not None else []
+        if problems:
+            raise RecipeError(problems)
         data = yaml.safe_load(text)
+    except RecursionError:
+        raise RecipeError([Problem(name, None, "", f"YAML nested deeper than {MAX_DEPTH} levels")]) from None
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         line = mark.line + 1 if mark else None

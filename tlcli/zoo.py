@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from tlcli.errors import TLError, WeightsError, did_you_mean
+from tlcli.errors import SpecError, WeightsError, did_you_mean
 from tlcli.files import file_digest
 from tlcli.preprocess import Preprocess
 from tlcli.recipe import BaseSpec
@@ -304,12 +304,21 @@ def build_base(base: BaseSpec, load_weights: bool = True) -> ZooModel:
     return zoo
 
 
-def resolve_device(spec: str, cuda_available: Optional[bool] = None) -> torch.device:
-    """`auto` picks CUDA when present, else the CPU."""
+def resolve_device(spec: str, cuda_available: Optional[bool] = None, mps_available: Optional[bool] = None,
+                   cuda_count: Optional[int] = None) -> torch.device:
+    """`auto` picks CUDA when present, else the CPU. A device that is not there is the
+    recipe's problem, at its `device:` line."""
     if cuda_available is None:
         cuda_available = torch.cuda.is_available()
     if spec == "auto":
         return torch.device("cuda" if cuda_available else "cpu")
-    if spec.startswith("cuda") and not cuda_available:
-        raise TLError(f"device: {spec} asked for, but no CUDA device is available (use device: auto)")
+    if spec.startswith("cuda"):
+        if not cuda_available:
+            raise SpecError([(("device",), f"{spec} asked for, but no CUDA device is available (use device: auto)")])
+        count = torch.cuda.device_count() if cuda_count is None else cuda_count
+        index = int(spec.split(":")[1]) if ":" in spec else 0
+        if index >= count:
+            raise SpecError([(("device",), f"{spec} asked for, but this machine has {count} CUDA device(s)")])
+    if spec == "mps" and not (torch.backends.mps.is_available() if mps_available is None else mps_available):
+        raise SpecError([(("device",), "mps asked for, but Apple's Metal backend is not available here (use device: auto)")])
     return torch.device(spec)
