@@ -1,7 +1,9 @@
 """Data sources: digits, imagefolder (split or pre-split), flowers download, safe extraction."""
 
 import io
+import json
 import tarfile
+from pathlib import Path
 
 import pytest
 
@@ -121,3 +123,75 @@ def test_stratified_split_equals_scikit_learns(n, classes, test, seed):
 def test_stratified_split_refuses_a_class_with_one_image():
     with pytest.raises(ValueError, match="only 1 image"):
         stratified_split([("a", 0), ("b", 0), ("c", 1)], 1, 0)
+
+
+# --------------------------------------------------------------------------- a corpus of bad data folders
+# One folder per class of fault; each with the outcome a user should get.
+
+
+def _fit_data(tmp_path, cli, data):
+    from conftest import write_recipe
+
+    r = tiny_recipe(tmp_path, fine_tune={"epochs": 1})
+    r["data"] = {"split": {"val": 0.2, "test": 0.2, "seed": 0}, **data}
+    return cli("fit", write_recipe(tmp_path / "r.yaml", r))
+
+
+def test_presplit_is_detected_from_train_and_val_without_test(tmp_path):
+    root = make_imagefolder(tmp_path / "imgs", per_class=10, split_dirs=["train", "val"])
+    plan = plan_data(recipe_for(tmp_path, imagefolder=str(root)).data)
+    assert plan.class_names == ["a", "b", "c"]  # not ['train', 'val']
+    assert all("/val/" in s for s, _ in plan.splits["val"]) and all("/train/" in s for s, _ in plan.splits["test"])
+
+
+@pytest.mark.parametrize("junk", ["__MACOSX/a/._0.png", "a/._0.png", ".hidden/x.png", "a/.thumbs/x.png"])
+def test_hidden_files_and_macos_debris_are_skipped(tmp_path, junk):
+    root = make_imagefolder(tmp_path / "imgs", per_class=10)
+    (root / junk).parent.mkdir(parents=True, exist_ok=True)
+    (root / junk).write_bytes(b"not an image")
+    plan = plan_data(recipe_for(tmp_path, imagefolder=str(root)).data)
+    assert plan.class_names == ["a", "b", "c"] and sum(len(v) for v in plan.splits.values()) == 30
+
+
+@pytest.mark.parametrize("fault,fragment", [
+    ("one_class", "has 1 class (a); a classifier needs 2 or more"),
+    ("empty_class", "class 'c' has no images"),
+    ("class_only_in_test", "class 'd' is in test/ but not in train/"),
+    ("empty_test", "test holds no images"),
+    ("link_to_root", "links back into the data folder"),
+])
+def test_bad_data_folders_are_errors_that_say_what_is_wrong(tmp_path, cli, fault, fragment):
+    import os
+
+    if fault == "one_class":
+        root = make_imagefolder(tmp_path / "imgs", classes=("a",), per_class=10)
+    elif fault == "empty_class":
+        root = make_imagefolder(tmp_path / "imgs", per_class=10)
+        for f in (root / "c").iterdir():
+            f.unlink()
+    elif fault == "class_only_in_test":
+        root = make_imagefolder(tmp_path / "imgs", per_class=6, split_dirs=["train", "test"])
+        make_imagefolder(root / "test", classes=("d",), per_class=3)
+    elif fault == "empty_test":
+        root = make_imagefolder(tmp_path / "imgs", per_class=6, split_dirs=["train"])
+        (root / "test" / "a").mkdir(parents=True)
+    else:
+        root = make_imagefolder(tmp_path / "imgs", per_class=10)
+        os.symlink(root, root / "d")
+    code, out = _fit_data(tmp_path, cli, {"imagefolder": str(root)})
+    assert code == 1 and fragment in out and "data.imagefolder" in out, out
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("policy", ["error", "skip"])
+def test_unreadable_images_follow_the_recipes_policy(tmp_path, cli, policy):
+    root = make_imagefolder(tmp_path / "imgs", per_class=10)
+    (root / "b" / "broken.jpg").write_bytes(b"\xff\xd8 truncated jpeg")
+    code, out = _fit_data(tmp_path, cli, {"imagefolder": str(root), "on_bad_image": policy})
+    if policy == "error":
+        assert code == 1 and "broken.jpg: cannot read image" in out
+        return
+    assert code == 0, out
+    assert "skipped 1 unreadable image(s)" in out
+    meta = json.loads((tmp_path / "run" / "checkpoint.json").read_text())
+    assert [Path(p).name for p in meta["skipped_images"]] == ["broken.jpg"]

@@ -136,6 +136,9 @@ def fit(
         result = run_fit(load_recipe(recipe), _reporter(), force=force, resume=resume)
     except TLError as err:
         _fail(err)
+    if result.skipped:
+        typer.echo(f"warning: skipped {len(result.skipped)} unreadable image(s) (data.on_bad_image: skip); "
+                   f"listed in {result.run_dir}/checkpoint.json", err=True)
     final = result.final
     val = f", val_acc {final['val_acc']:.4f}" if "val_acc" in final else ""
     for s in result.stages if len(result.stages) > 1 else []:

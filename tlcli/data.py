@@ -178,55 +178,87 @@ def class_names_for(spec: DataSpec) -> list[str]:
 
 
 def plan_imagefolder(spec: DataSpec, root: Path) -> DataPlan:
+    """One folder per class, or pre-split into any of train/ val/ test/ (each one folder per
+    class). A split that is not on disk is carved from train, seeded and stratified."""
     loc = ("data", "imagefolder") if spec.imagefolder else ("data", "dataset")
     if not root.is_dir():
         raise SpecError([(loc, f"{root} is not a directory")])
-    presplit = (root / "train").is_dir() and (root / "test").is_dir()
-    if presplit:
-        names = _class_dirs(root / "train")
-        splits: dict[str, list[tuple[Source, int]]] = {}
-        for split in SPLITS:
-            if (root / split).is_dir():
-                splits[split] = _scan(root / split, names, loc)
-        pairs_all = [p for s in splits.values() for p in s]
-        if not pairs_all:
-            raise SpecError([(loc, f"no images found in {root} (extensions: {_exts()})")])
-        pairs_train, names_kept = _select_classes(spec, splits["train"], names)
-        out = {"train": pairs_train}
-        for split in ("val", "test"):
-            if split in splits:
-                out[split], _ = _select_classes(spec, splits[split], names)
-        if "val" not in out:
-            # Carve val from train, seeded and stratified, as for an unsplit folder.
-            carved = _split(spec, out["train"], with_test=False)
-            out["train"], out["val"] = carved["train"], carved["val"]
-        return DataPlan("files", names_kept, out, root)
-    names = _class_dirs(root)
-    if not names:
-        raise SpecError([(loc, f"no class folders in {root}: expected one folder per class")])
-    pairs = _scan(root, names, loc)
+    present = [s for s in SPLITS if (root / s).is_dir()]
+    if not present:
+        names = _class_dirs(root, loc)
+        pairs, names = _select_classes(spec, _scan(root, root, names, loc), names)
+        _check_classes(pairs, names, root, loc)
+        return DataPlan("files", names, _split(spec, pairs), root)
+    if "train" not in present:
+        raise SpecError([(loc, f"{root} is pre-split ({', '.join(s + '/' for s in present)}) but has no train/")])
+    names = _class_dirs(root / "train", loc)
+    splits = {}
+    for split in present:
+        extra = sorted(set(_class_dirs(root / split, loc)) - set(names))
+        if extra:
+            raise SpecError([(loc, f"class '{extra[0]}' is in {split}/ but not in train/: tl cannot learn it")])
+        pairs, kept = _select_classes(spec, _scan(root, root / split, names, loc), names)
+        if not pairs:
+            raise SpecError([(loc, f"{root / split} holds no images (extensions: {_exts()})")])
+        splits[split] = pairs
+    _check_classes(splits["train"], kept, root / "train", loc)
+    return DataPlan("files", kept, _carve_missing(spec, splits), root)
+
+
+def _carve_missing(spec: DataSpec, splits: dict) -> dict:
+    if "test" not in splits:
+        carved = _split(spec, splits["train"], with_test=True)
+        return {**carved, **{k: v for k, v in splits.items() if k == "val"}}
+    if "val" not in splits:
+        carved = _split(spec, splits["train"], with_test=False)
+        return {"train": carved["train"], "val": carved["val"], "test": splits["test"]}
+    return splits
+
+
+def _check_classes(pairs: list, names: list[str], folder: Path, loc: tuple) -> None:
     if not pairs:
-        raise SpecError([(loc, f"no images found in {root} (extensions: {_exts()})")])
-    pairs, names = _select_classes(spec, pairs, names)
-    return DataPlan("files", names, _split(spec, pairs), root)
+        raise SpecError([(loc, f"no images found in {folder} (extensions: {_exts()})")])
+    counts = np.bincount([label for _, label in pairs], minlength=len(names))
+    empty = [n for n, c in zip(names, counts) if c == 0]
+    if empty:
+        raise SpecError([(loc, f"class '{empty[0]}' has no images in {folder}" + (f" ({len(empty)} empty classes)" if len(empty) > 1 else ""))])
+    if len(names) < 2:
+        raise SpecError([(loc, f"{folder} has {len(names)} class ({', '.join(names) or 'none'}); a classifier needs 2 or more")])
 
 
 def _exts() -> str:
     return " ".join(sorted(IMAGE_EXTENSIONS))
 
 
-def _class_dirs(root: Path) -> list[str]:
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+def _hidden(path: Path) -> bool:
+    """Dot files (macOS's AppleDouble `._x.png` among them) and macOS archive debris."""
+    return path.name.startswith(".") or path.name == "__MACOSX"
 
 
-def _scan(root: Path, names: list[str], loc: tuple) -> list[tuple[Source, int]]:
+def _class_dirs(folder: Path, loc: tuple) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not _hidden(p) and p.name not in SPLITS)
+
+
+def _check_link(path: Path, root: Path, loc: tuple) -> None:
+    """A link into the data folder itself would count its images twice, or loop."""
+    if path.is_symlink():
+        target, top = path.resolve(), root.resolve()
+        if target == top or top in target.parents or target in top.parents:
+            raise SpecError([(loc, f"{path} links back into the data folder ({target}); refusing to read images twice")])
+
+
+def _scan(root: Path, folder: Path, names: list[str], loc: tuple) -> list[tuple[Source, int]]:
     pairs = []
     for label, name in enumerate(names):
-        folder = root / name
-        if not folder.is_dir():
-            raise SpecError([(loc, f"{root} lacks the class folder '{name}' that train/ has")])
-        for path in sorted(folder.rglob("*")):
+        class_dir = folder / name
+        if not class_dir.is_dir():
+            continue  # a class absent from val/ or test/ just has no images there
+        _check_link(class_dir, root, loc)
+        for path in sorted(class_dir.rglob("*")):
+            if any(_hidden(Path(part)) for part in path.relative_to(class_dir).parts):
+                continue
             if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
+                _check_link(path, root, loc)
                 pairs.append((str(path), label))
     return pairs
 

@@ -43,12 +43,14 @@ def run_dir_of(target: Path) -> Path:
     raise RunError(f"{target}: neither a run directory nor a recipe file")
 
 
-def predict(model, pairs, preprocess, batch_size, num_workers, device, reporter) -> tuple[np.ndarray, np.ndarray]:
+def predict(model, pairs, preprocess, batch_size, num_workers, device, reporter,
+            on_bad_image: str = "error") -> tuple[np.ndarray, np.ndarray]:
     model.to(device).eval()
     if device.type != "mps":
         model.to(memory_format=torch.channels_last)
     logits, labels = [], []
-    batches = ImageLoader(pairs, preprocess, batch_size, device, decode_threads(num_workers, device))
+    batches = ImageLoader(pairs, preprocess, batch_size, device, decode_threads(num_workers, device),
+                          on_bad_image=on_bad_image)
     with reporter.task("evaluate", total=len(pairs), unit="img") as task, torch.inference_mode():
         for x, y in batches:
             logits.append(model(x).float().cpu())
@@ -77,7 +79,8 @@ def evaluate(target: Path, reporter: Reporter = Reporter(), device_spec: str | N
     scored = cached_logits(ckpt, plan, recipe.cache, device)
     source = "cache" if scored is not None else "images"
     logits, y = scored if scored is not None else predict(
-        ckpt.model, plan.splits["test"], ckpt.preprocess, recipe.data.batch_size, recipe.data.num_workers, device, reporter)
+        ckpt.model, plan.splits["test"], ckpt.preprocess, recipe.data.batch_size, recipe.data.num_workers, device, reporter,
+        recipe.data.on_bad_image)
     metrics = {**score(logits, y, ckpt.class_names), "scored_from": source}
     out = run.eval_dir()
     write_json_atomic(out / EVAL_METRICS, {k: v for k, v in metrics.items() if k != "confusion_matrix"})

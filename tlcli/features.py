@@ -95,6 +95,11 @@ class FeatureCache:
     def shards(self, split: str) -> list[str]:
         return [s["file"] for s in self.manifest["splits"].get(split, {}).get("shards", [])]
 
+    @property
+    def skipped(self) -> list[str]:
+        """Files left out because they could not be decoded (data.on_bad_image: skip)."""
+        return self.manifest.get("skipped", [])
+
     def shard_rows(self, split: str) -> list[int]:
         return [s["rows"] for s in self.manifest["splits"].get(split, {}).get("shards", [])]
 
@@ -224,7 +229,8 @@ def _write_splits(prepared: Prepared, plan: DataPlan, splits: list[str], extract
     for split_name in splits:
         pairs = plan.splits[split_name]
         writer = ShardWriter(tmp, split_name, cache.shard_size)
-        batches = ImageLoader(pairs, prepared.preprocess, data.batch_size, extract.device, threads)
+        batches = ImageLoader(pairs, prepared.preprocess, data.batch_size, extract.device, threads,
+                              on_bad_image=data.on_bad_image)
         with reporter.task(f"featurize {split_name}", total=len(pairs), unit="img") as task, torch.inference_mode():
             for x, y in batches:
                 outs = extract(x)
@@ -234,6 +240,8 @@ def _write_splits(prepared: Prepared, plan: DataPlan, splits: list[str], extract
                 writer.add(outs, y)
                 task.advance(len(y))
         manifest["splits"][split_name] = writer.summary()
+        if batches.skipped:
+            manifest.setdefault("skipped", []).extend(batches.skipped)
     manifest["seconds"] = round(time.perf_counter() - started, 3)
     return manifest
 

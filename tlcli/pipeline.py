@@ -229,12 +229,15 @@ class ImageLoader:
     """
 
     def __init__(self, pairs, pp: Preprocess, batch_size: int, device: torch.device, threads: int,
-                 augment=None, order: Optional[Sequence[int]] = None, prefetch: int = 2, decoder: Optional[str] = None):
+                 augment=None, order: Optional[Sequence[int]] = None, prefetch: int = 2, decoder: Optional[str] = None,
+                 on_bad_image: str = "error"):
         self.chunks = BatchPlan(pairs, batch_size).chunks(order)
         self.pp, self.device, self.augment = pp, device, augment
         self.threads, self.prefetch = threads, max(prefetch, 1)
         self.decoder = decoder or decoder_name(device)
         self.pin = device.type == "cuda"
+        self.skip_bad = on_bad_image == "skip"
+        self.skipped: list[str] = []  # with on_bad_image: skip, the files left out
 
     def __len__(self) -> int:
         return len(self.chunks)
@@ -242,38 +245,50 @@ class ImageLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.threads == 0:
             for chunk in self.chunks:
-                yield self._finish(self._load(chunk), chunk)
+                batch = self._finish([self._guarded(self._read, s) for s, _ in chunk], chunk)
+                if batch is not None:
+                    yield batch
             return
         with concurrent.futures.ThreadPoolExecutor(self.threads, thread_name_prefix="tl-decode") as pool:
             pending: deque = deque()
-            chunks = iter(self.chunks)
-            for chunk in chunks:
-                pending.append((chunk, self._submit(pool, chunk)))
+            for chunk in self.chunks:
+                pending.append((chunk, [pool.submit(self._guarded, self._read, s) for s, _ in chunk]))
                 if len(pending) > self.prefetch:
-                    done_chunk, futures = pending.popleft()
-                    yield self._finish(self._gather(futures), done_chunk)
+                    batch = self._finish(*self._gather(pending.popleft()))
+                    if batch is not None:
+                        yield batch
             while pending:
-                done_chunk, futures = pending.popleft()
-                yield self._finish(self._gather(futures), done_chunk)
+                batch = self._finish(*self._gather(pending.popleft()))
+                if batch is not None:
+                    yield batch
 
-    def _submit(self, pool, chunk):
-        if self.decoder == "nvjpeg":
-            return [pool.submit(_read_bytes_or_decode, s, self.pp) for s, _ in chunk]
-        return [pool.submit(load_sized, s, self.pp) for s, _ in chunk]
+    def _read(self, source: Source) -> torch.Tensor:
+        return _read_bytes_or_decode(source, self.pp) if self.decoder == "nvjpeg" else load_sized(source, self.pp)
 
-    def _gather(self, futures) -> list[torch.Tensor]:
-        return [f.result() for f in futures]
+    def _guarded(self, read, source: Source):
+        """read(source), or None for an undecodable file when bad images are skipped."""
+        try:
+            return read(source)
+        except DataError:
+            if not self.skip_bad:
+                raise
+            return None
 
-    def _load(self, chunk) -> list[torch.Tensor]:
-        if self.decoder == "nvjpeg":
-            return [_read_bytes_or_decode(s, self.pp) for s, _ in chunk]
-        return [load_sized(s, self.pp) for s, _ in chunk]
+    @staticmethod
+    def _gather(pending) -> tuple[list, list]:
+        chunk, futures = pending
+        return [f.result() for f in futures], chunk
 
-    def _finish(self, images: list[torch.Tensor], chunk) -> tuple[torch.Tensor, torch.Tensor]:
+    def _finish(self, images: list, chunk) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         if self.decoder == "nvjpeg":
             # Raw JPEG bytes decode on the GPU in one call; the rest were decoded on the CPU.
-            images = [img.to(self.device, non_blocking=True) for img in
-                      _nvjpeg_decode(images, [s for s, _ in chunk], self.pp, self.device)]
+            images = _nvjpeg_decode(images, [s for s, _ in chunk], self.pp, self.device, self.skip_bad)
+            images = [img.to(self.device, non_blocking=True) if img is not None else None for img in images]
+        self.skipped.extend(str(s) for (s, _), img in zip(chunk, images) if img is None)
+        chunk = [item for item, img in zip(chunk, images) if img is not None]
+        images = [img for img in images if img is not None]
+        if not images:
+            return None
         if self.augment is not None:
             # In the main thread, in order: torch's global generator, seeded per epoch, decides.
             images = [self.augment(img) for img in images]
@@ -296,28 +311,30 @@ def _read_bytes_or_decode(source: Source, pp: Preprocess):
     return load_sized(source, pp)
 
 
-def _nvjpeg_decode(items: list[torch.Tensor], sources: list, pp: Preprocess, device: torch.device) -> list[torch.Tensor]:
+def _nvjpeg_decode(items: list, sources: list, pp: Preprocess, device: torch.device, skip_bad: bool) -> list:
     """Decode the raw-JPEG items of a batch on the GPU in one call; size them there."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    raw = [i for i, t in enumerate(items) if t.ndim == 1]  # read_file gives 1-d uint8 bytes
+    raw = [i for i, t in enumerate(items) if t is not None and t.ndim == 1]  # read_file gives 1-d uint8 bytes
     if not raw:
         return items
     try:
         decoded = decode_jpeg([items[i] for i in raw], mode=ImageReadMode.RGB, device=device)
     except RuntimeError:
-        # One bad file fails the batch call: decode one by one to name it.
-        decoded = [_nvjpeg_one(items[i], sources[i], device) for i in raw]
+        # One bad file fails the batch call: decode one by one to name (or skip) it.
+        decoded = [_nvjpeg_one(items[i], sources[i], device, skip_bad) for i in raw]
     out = list(items)
     for i, image in zip(raw, decoded):
-        out[i] = fit_to_size(image, pp)
+        out[i] = fit_to_size(image, pp) if image is not None else None
     return out
 
 
-def _nvjpeg_one(data: torch.Tensor, source, device: torch.device) -> torch.Tensor:
+def _nvjpeg_one(data: torch.Tensor, source, device: torch.device, skip_bad: bool) -> Optional[torch.Tensor]:
     from torchvision.io import ImageReadMode, decode_jpeg
 
     try:
         return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
     except RuntimeError as err:
+        if skip_bad:
+            return None
         raise DataError(f"{source}: cannot read image: {err}") from None

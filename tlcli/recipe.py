@@ -146,6 +146,8 @@ class DataSpec(Strict):
     batch_size: int = Field(default=64, ge=1)
     # Threads that decode and resize ahead of the forward; auto: from the cores this process may use.
     num_workers: Union[Literal["auto"], Annotated[int, Field(ge=0)]] = "auto"
+    # A file that cannot be decoded: stop with its name (error), or leave it out and list it in the run (skip).
+    on_bad_image: Literal["error", "skip"] = "error"
 
     @field_validator("classes", mode="before")
     @classmethod

@@ -94,6 +94,7 @@ class CheckpointMeta(_Record):
     stages: list[StageSummary]
     frozen_modules: list[str]
     frozen_attrs: list[str] = []
+    skipped_images: list[str] = []  # undecodable files left out (data.on_bad_image: skip)
     decoder: Optional[str] = None  # what decoded the training JPEGs (nvjpeg and libjpeg-turbo differ by +-1)
     tl_version: str = __version__
 

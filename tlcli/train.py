@@ -53,6 +53,7 @@ class FitResult:
     cache_key: Optional[str]
     seconds: float
     stages: list[StageSummary] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # undecodable files left out (data.on_bad_image: skip)
 
 
 class FitHooks:
@@ -227,6 +228,7 @@ class FitContext:
     reporter: Reporter
     hooks: FitHooks
     stages: list[Stage] = field(default_factory=list)
+    skipped: set[str] = field(default_factory=set)  # undecodable files left out (data.on_bad_image: skip)
     # State-dict names some stage trains: resume files hold only these. The rest
     # is rebuilt from the recipe and pinned by `frozen_hash`.
     trained: set[str] = field(default_factory=set)
@@ -266,6 +268,8 @@ def _setup_stage(ctx: FitContext, stage: Stage) -> StageRun:
     on_images = stage.input == "images"
     cache = None if on_images else featurize(prepared, ctx.plan, ctx.device, ctx.cache, ctx.data, ctx.reporter,
                                              splits=splits_read_by(stage, ctx.stages))
+    if cache is not None:
+        ctx.skipped.update(cache.skipped)
     model = StageModel(prepared, on_images, ctx.device, ft.train_bn)
     _apply_dropout(prepared.model, model.transfer.frozen_modules, ft.dropout)
     params = [(n, p) for n, p in prepared.model.named_parameters() if p.requires_grad]
@@ -298,10 +302,19 @@ def _image_inputs(ctx: FitContext, stage: Stage, prepared: Prepared):
     ft, splits, pp, dev = stage.fine_tune, ctx.plan.splits, prepared.preprocess, ctx.device
     threads = decode_threads(ctx.data.num_workers, dev)
     augment = augmentation(stage.augment, pp) if stage.augment is not None else None
-    train = lambda g: image_batches(ImageLoader(splits["train"], pp, ft.batch_size, dev, threads, augment,
-                                                order=torch.randperm(len(splits["train"]), generator=g).tolist()))
-    val = lambda: image_batches(ImageLoader(splits["val"], pp, ctx.data.batch_size, dev, threads))
+    bad = ctx.data.on_bad_image
+
+    def train(g):
+        order = torch.randperm(len(splits["train"]), generator=g).tolist()
+        return _noting_skips(ctx, ImageLoader(splits["train"], pp, ft.batch_size, dev, threads, augment, order, on_bad_image=bad))
+
+    val = lambda: _noting_skips(ctx, ImageLoader(splits["val"], pp, ctx.data.batch_size, dev, threads, on_bad_image=bad))
     return train, val, math.ceil(len(splits["train"]) / ft.batch_size)
+
+
+def _noting_skips(ctx: FitContext, loader: ImageLoader) -> Batches:
+    yield from image_batches(loader)
+    ctx.skipped.update(loader.skipped)
 
 
 def _cache_inputs(ctx: FitContext, stage: Stage, prepared: Prepared, cache: FeatureCache):
@@ -515,11 +528,12 @@ def fit(recipe: Recipe, reporter: Reporter = Reporter(), force: bool = False, re
         model=recipe.base.describe(), head_layer=prepared.head_layer, class_names=plan.class_names,
         preprocess=prepared.preprocess.to_dict(), frontier=prepared.splits[stages[-1].index].frontier_names,
         cache_key=cache_key, data_fingerprint=plan.fingerprint(), stages=summaries, decoder=decoder_name(device),
+        skipped_images=sorted(ctx.skipped),
         frozen_modules=final.frozen_modules, frozen_attrs=final.frozen_attrs,
     ))
     plot_curves(run.metrics(), run / CURVES)
     epochs = sum(s.epochs_run for s in summaries)
-    return FitResult(run.path, epochs, last_row, cache_key, time.perf_counter() - started, summaries)
+    return FitResult(run.path, epochs, last_row, cache_key, time.perf_counter() - started, summaries, sorted(ctx.skipped))
 
 
 def _pin_frozen(ctx: FitContext, stages: list[Stage]) -> None:
