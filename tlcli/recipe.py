@@ -635,8 +635,10 @@ def parse_recipe(text: str, name: str = "recipe.yaml") -> Recipe:
         mark = err.problem_mark or err.context_mark
         line = mark.line + 1 if mark else None
         raise RecipeError([Problem(name, line, "", f"YAML syntax error: {err.problem or err}")]) from None
-    except yaml.YAMLError as err:
-        raise RecipeError([Problem(name, None, "", f"YAML error: {err}")]) from None
+    except yaml.YAMLError as err:  # e.g. a reader error: a control character in the file
+        position = getattr(err, "position", None)
+        line = text[:position].count("\n") + 1 if isinstance(position, int) else None
+        raise RecipeError([Problem(name, line, "", f"YAML error: {str(err).splitlines()[0]}")]) from None
     source = RecipeSource(name, root)
     if not isinstance(data, dict):
         raise RecipeError([Problem(name, 1, "", "a recipe is a YAML mapping with base, data, output_dir, ...")])
@@ -644,9 +646,10 @@ def parse_recipe(text: str, name: str = "recipe.yaml") -> Recipe:
     # zoo, model and weights are required unless base is a checkpoint; pydantic
     # can't say so per key, so check the raw mapping (alongside its errors).
     missing = [
-        source.problem(("base", key), "required key is missing (or give checkpoint: RUN_DIR)")
+        source.problem(("base", key), "required key is missing (or give checkpoint: RUN_DIR)" if key not in base
+                       else "must not be null (or give checkpoint: RUN_DIR)")
         for key in ("zoo", "model", "weights")
-        if isinstance(base, dict) and "checkpoint" not in base and key not in base
+        if isinstance(base, dict) and base.get("checkpoint") is None and base.get(key) is None
     ]
     try:
         recipe = Recipe.model_validate(data)

@@ -15,6 +15,7 @@ holds the recipe turns them into `file:line`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -74,6 +75,10 @@ def add_input_adapter(built: Built, spec: InputSpec) -> None:
     built.graph.refresh()
     built.preprocess = Preprocess(spec.size, spec.size, "squash", (0.0,) * spec.channels, (1.0,) * spec.channels,
                                   pp.interpolation, spec.channels)
+
+
+# A layer bigger than this is a typo, not a model: refuse before allocating it.
+MAX_LAYER_PARAMS = 1_000_000_000
 
 
 class _Failed(Exception):
@@ -168,9 +173,16 @@ class Surgeon:
 
     # -- operations
 
+    def check_size(self, loc: tuple, params: int, what: str) -> None:
+        if params > MAX_LAYER_PARAMS:
+            self.fail(loc, f"{what} would have {params:,} parameters ({params * 4 / 2**30:,.1f} GiB in float32); "
+                           f"tl refuses layers over {MAX_LAYER_PARAMS:,}")
+
     def _n_out_replace(self, spec: NOutReplace) -> None:
         node = self.layer(spec.layer, ("n_out_replace", "layer"))
         old = self.graph.module_of(node)
+        if isinstance(old, (nn.Linear, nn.Conv2d)):
+            self._check_resize(node, old, spec)
         if isinstance(old, nn.Linear):
             new, old_out = nn.Linear(old.in_features, spec.n_out, bias=old.bias is not None), old.out_features
         elif isinstance(old, nn.Conv2d):
@@ -187,6 +199,19 @@ class Surgeon:
             replacements[consumer.target] = self._resized_consumer(self.graph.module_of(consumer), kind, spec, old_out, k)
         for name, module in replacements.items():
             self.set_module(name, module)
+
+    def _check_resize(self, node: fx.Node, old: nn.Module, spec: NOutReplace) -> None:
+        """Refuse a width that would allocate an absurd layer, here or in the layer it feeds."""
+        linear = isinstance(old, nn.Linear)
+        old_out = old.out_features if linear else old.out_channels
+        fan_in = old.in_features if linear else old.in_channels * math.prod(old.kernel_size)
+        self.check_size(("n_out_replace", "n_out"), fan_in * spec.n_out, f"'{spec.layer}' at n_out {spec.n_out:,}")
+        for consumer, kind in self._carry(node):
+            m = self.graph.module_of(consumer)
+            if kind == "next":
+                per_unit = m.in_features // old_out * m.out_features if isinstance(m, nn.Linear) \
+                    else m.out_channels * math.prod(m.kernel_size)
+                self.check_size(("n_out_replace", "n_out"), per_unit * spec.n_out, f"'{consumer.target}' after it")
 
     def _resized_consumer(self, m: nn.Module, kind: str, spec: NOutReplace, old_out: int, k: int) -> nn.Module:
         """A norm the new width passes through, or the next weight layer, at the new width."""
@@ -322,6 +347,8 @@ class Surgeon:
         pools = {"avg": lambda: nn.AvgPool2d(spec.kernel, spec.stride), "max": lambda: nn.MaxPool2d(spec.kernel, spec.stride),
                  "adaptive_avg": lambda: nn.AdaptiveAvgPool2d(spec.output_size),
                  "adaptive_max": lambda: nn.AdaptiveMaxPool2d(spec.output_size)}
+        if t in ("linear", "conv1x1"):
+            self.check_size(("add", "n_out"), first[0] * (spec.n_out or self.built.num_classes), f"'{spec.name}'")
         makers = {
             "linear": lambda: nn.Linear(first[0], spec.n_out or self.built.num_classes, bias=spec.bias),
             "conv1x1": lambda: nn.Conv2d(first[0], spec.n_out, 1, bias=spec.bias),
