@@ -76,13 +76,13 @@ def test_second_featurize_hits_and_fit_reuses(tmp_path, cli):
     path = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path))
     code, out = cli("featurize", path)
     assert code == 0, out
-    caches = list((tmp_path / "cache").iterdir())
+    caches = [p for p in (tmp_path / "cache").iterdir() if (p / "manifest.json").is_file()]
     assert len(caches) == 1
     first = {p.name: p.stat().st_mtime_ns for p in caches[0].iterdir()}
     write_recipe(path, tiny_recipe(tmp_path, fine_tune={"lr": 0.05, "epochs": 2}))
     code, out = cli("fit", path)
     assert code == 0, out
-    assert list((tmp_path / "cache").iterdir()) == caches
+    assert [p for p in (tmp_path / "cache").iterdir() if (p / "manifest.json").is_file()] == caches
     assert {p.name: p.stat().st_mtime_ns for p in caches[0].iterdir()} == first
 
 
@@ -129,3 +129,59 @@ def test_killed_featurize_leaves_no_accepted_cache_and_is_rebuilt(tmp_path):
     assert cache.key == key and open_cache(cache_root / key) is not None
     assert not list(cache_root.glob("*.tmp-*")), "the dead run's partial directory is cleaned up"
     assert cache.count("train") + cache.count("val") + cache.count("test") == 400
+
+
+# --------------------------------------------------------------------------- concurrency
+
+
+def _popen(*args):
+    return subprocess.Popen([sys.executable, "-m", "tlcli", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_two_featurizers_of_one_key_build_it_once(tmp_path):
+    recipe = tiny_recipe(tmp_path, base={"input_size": 96}, data={"limit": 300})
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    first, second = _popen("featurize", path), _popen("featurize", path)
+    outs = [p.communicate(timeout=300) for p in (first, second)]
+    assert first.returncode == second.returncode == 0, outs
+    logs = [err for _, err in outs]
+    assert sum("feature cache written" in log for log in logs) == 1, logs
+    assert sum("feature cache hit" in log for log in logs) == 1, logs
+    assert len(list((tmp_path / "cache").glob("*/manifest.json"))) == 1
+
+
+def test_featurize_force_never_swaps_a_cache_out_from_under_a_fit(tmp_path):
+    """A fit holds its cache open (shared lock) for the whole run; a forced rebuild is
+    built beside it and swapped in only after the fit is done."""
+    from tlcli.files import file_lock
+    from tlcli.features import read_lock
+
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path))
+    assert subprocess.run([sys.executable, "-m", "tlcli", "featurize", str(path)], capture_output=True).returncode == 0
+    cache = next((tmp_path / "cache").glob("*/manifest.json")).parent
+    shard = next(cache.glob("train-*.safetensors"))
+    before = shard.read_bytes()
+    with file_lock(read_lock(cache), shared=True):  # what a running fit holds
+        proc = _popen("featurize", "--force", path)
+        deadline = time.time() + 120
+        while time.time() < deadline and not list(cache.parent.glob(f"{cache.name}.tmp-*/manifest.json")):
+            time.sleep(0.05)
+        time.sleep(0.5)
+        assert proc.poll() is None, "the forced rebuild must wait for the reader"
+        assert shard.read_bytes() == before and (cache / "manifest.json").is_file()
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "waiting for the fits reading" in err
+    assert open_cache(cache) is not None and not list(cache.parent.glob(f"{cache.name}.*-*"))
+
+
+def test_a_second_fit_into_the_same_run_directory_is_refused(tmp_path, cli):
+    from tlcli.files import file_lock
+
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, fine_tune={"epochs": 1}))
+    with file_lock(tmp_path / "run" / "tl-run.lock"):  # what a running fit holds
+        code, out = cli("fit", path)
+    assert code == 1 and "another tl fit is writing this run directory" in out
+    assert not (tmp_path / "run" / "checkpoint.json").exists()
+    assert cli("fit", path)[0] == 0  # the lock-file alone does not make the directory foreign

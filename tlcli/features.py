@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from tlcli.build import Prepared, prepare
 from tlcli.data import DataPlan, plan_data
-from tlcli.files import atomic_write, write_json_atomic
+from tlcli.files import atomic_write, file_lock, write_json_atomic
 from tlcli.pipeline import ImageLoader, decode_threads, decoder_name
 from tlcli.progress import Reporter
 from tlcli.recipe import CacheSpec, DataSpec, Recipe, Stage
@@ -197,27 +197,51 @@ def featurize(
     components = key_components(prepared, plan, prepared.extractor(), cache.dtype, decoder_name(device), splits)
     key = cache_key(components)
     final = Path(cache.dir).expanduser() / key
-    existing = open_cache(final)
-    if existing is not None and not force:
-        reporter.info(f"feature cache hit: {final}")
-        return existing
-    _remove_dead_partials(final)
-    tmp = final.with_name(f"{key}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    threads = decode_threads(data.num_workers, device)
-    manifest = _write_splits(prepared, plan, splits, _Extractor(prepared, device, cache.dtype), tmp, cache, data, threads,
-                             reporter)
-    manifest.update(key=key, components=components)
-    # The manifest is written last: its presence is what marks a cache complete.
-    write_json_atomic(tmp / MANIFEST, manifest)
-    if final.exists():
-        shutil.rmtree(final)  # stale, damaged, or --force
-    os.replace(tmp, final)
+    # One builder per key: a second featurizer waits here, then finds the cache complete.
+    with file_lock(_build_lock(final)):
+        existing = open_cache(final)
+        if existing is not None and not force:
+            reporter.info(f"feature cache hit: {final}")
+            return existing
+        _remove_dead_partials(final)
+        tmp = final.with_name(f"{key}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        threads = decode_threads(data.num_workers, device)
+        manifest = _write_splits(prepared, plan, splits, _Extractor(prepared, device, cache.dtype), tmp, cache, data,
+                                 threads, reporter)
+        manifest.update(key=key, components=components)
+        # The manifest is written last: its presence is what marks a cache complete.
+        write_json_atomic(tmp / MANIFEST, manifest)
+        _swap_in(tmp, final, reporter)
     reporter.info(f"feature cache written: {final}")
     written = open_cache(final)
     assert written is not None, "a cache just written must open"
     return written
+
+
+def _build_lock(final: Path) -> Path:
+    return final.parent / "locks" / f"{final.name}.build"
+
+
+def read_lock(final: Path) -> Path:
+    """Held shared by every fit that reads the cache; a rebuild swaps only when none does."""
+    return final.parent / "locks" / f"{final.name}.read"
+
+
+def _swap_in(tmp: Path, final: Path, reporter: Reporter) -> None:
+    """Replace `final` by the finished `tmp`; never under a fit that has the old one open."""
+    with file_lock(read_lock(final), wait=False) as free:
+        if not free:
+            reporter.info(f"waiting for the fits reading {final} to finish before replacing it")
+    with file_lock(read_lock(final)):
+        if final.exists():
+            old = final.with_name(f"{final.name}.old-{os.getpid()}")
+            os.replace(final, old)  # stale, damaged, or --force: out of the way in one rename
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
 
 
 def _write_splits(prepared: Prepared, plan: DataPlan, splits: list[str], extract: _Extractor, tmp: Path,
@@ -250,7 +274,7 @@ def _remove_dead_partials(final: Path) -> None:
     """Partial builds left by killed runs (their pid is gone) are garbage."""
     if not final.parent.is_dir():
         return
-    for path in final.parent.glob(f"{final.name}.tmp-*"):
+    for path in [*final.parent.glob(f"{final.name}.tmp-*"), *final.parent.glob(f"{final.name}.old-*")]:
         pid = path.name.rsplit("-", 1)[-1]
         if pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(path, ignore_errors=True)

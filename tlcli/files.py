@@ -1,4 +1,4 @@
-"""Writing files so that a kill never leaves half of one, and hashing them in chunks.
+"""Files: writes a kill never leaves half done, chunked hashing, and locks between processes.
 
 Every file tl writes goes through `atomic_write`: the bytes land in a
 `.part` file beside the target, which is then renamed over it. A reader sees
@@ -7,11 +7,12 @@ the old file or the new one, never a torn one. Imports no torch.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 
 def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
@@ -41,3 +42,29 @@ def file_digest(path: str | Path, algorithm: str = "blake2b", digest_size: int |
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, shared: bool = False, wait: bool = True) -> Iterator[bool]:
+    """An advisory `flock` on `path` (created if missing), held for the block.
+
+    Yields False instead of blocking when `wait` is False and another process holds it.
+    The kernel drops the lock when its holder dies, so a killed run never leaves one behind."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        mode = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB)
+        try:
+            fcntl.flock(fd, mode)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)

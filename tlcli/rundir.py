@@ -10,6 +10,7 @@
       model.safetensors    the full state dict, frozen part included
       checkpoint.json      written last: its presence marks a finished run
       eval/                what `tl evaluate` writes
+      tl-run.lock          flock-ed by the fit writing the run
 
 Every write is atomic (`files.atomic_write`). The JSON files are parsed with
 pydantic models, so a damaged run is one line that names the file.
@@ -27,9 +28,10 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from tlcli import __version__
 from tlcli.errors import RunError
-from tlcli.files import atomic_write, write_json_atomic, write_text_atomic
+from tlcli.files import atomic_write, file_lock, write_json_atomic, write_text_atomic
 
 MARKER = "tl-run.json"
+LOCK = "tl-run.lock"  # held by the fit writing the run; never deleted (another process may hold it)
 RECIPE = "recipe.yaml"
 METRICS = "metrics.jsonl"
 TIMINGS = "timings.jsonl"
@@ -149,9 +151,18 @@ class RunDir:
             return False
         if not self.path.is_dir():
             return True
-        return not self.is_run() and any(self.path.iterdir())
+        return not self.is_run() and any(p.name != LOCK for p in self.path.iterdir())
 
     # -- starting, resuming
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """This process alone writes the run: a second fit into it is refused, not interleaved."""
+        with file_lock(self.path / LOCK, wait=False) as mine:
+            if not mine:
+                raise RunError(f"{self.path}: another tl fit is writing this run directory; "
+                               "wait for it to finish, or choose another output_dir")
+            yield
 
     def check_for_fit(self, recipe_text: str, force: bool, resume: bool) -> Optional[ResumeState]:
         """Check, writing nothing, that fit may use this directory; the state to resume, if resuming.

@@ -32,7 +32,8 @@ from tlcli.build import Prepared, prepare
 from tlcli.checkpoint import save_checkpoint
 from tlcli.data import DataPlan, plan_data
 from tlcli.errors import RunError, SpecError
-from tlcli.features import FeatureCache, digest_index, featurize, hash_tensors, splits_read_by
+from tlcli.features import FeatureCache, digest_index, featurize, hash_tensors, read_lock, splits_read_by
+from tlcli.files import file_lock
 from tlcli.optim import make_optimizer, make_scheduler
 from tlcli.pipeline import ImageLoader, augmentation, decode_threads, decoder_name
 from tlcli.plots import plot_curves
@@ -229,6 +230,7 @@ class FitContext:
     hooks: FitHooks
     stages: list[Stage] = field(default_factory=list)
     skipped: set[str] = field(default_factory=set)  # undecodable files left out (data.on_bad_image: skip)
+    locks: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)  # released when the fit ends
     # State-dict names some stage trains: resume files hold only these. The rest
     # is rebuilt from the recipe and pinned by `frozen_hash`.
     trained: set[str] = field(default_factory=set)
@@ -270,6 +272,8 @@ def _setup_stage(ctx: FitContext, stage: Stage) -> StageRun:
                                              splits=splits_read_by(stage, ctx.stages))
     if cache is not None:
         ctx.skipped.update(cache.skipped)
+        # Held until the fit ends: `featurize --force` must not swap the cache out from under it.
+        ctx.locks.enter_context(file_lock(read_lock(cache.path), shared=True))
     model = StageModel(prepared, on_images, ctx.device, ft.train_bn)
     _apply_dropout(prepared.model, model.transfer.frozen_modules, ft.dropout)
     params = [(n, p) for n, p in prepared.model.named_parameters() if p.requires_grad]
@@ -503,12 +507,20 @@ def _check_plan(stages: list[Stage], plan: DataPlan) -> None:
 
 def fit(recipe: Recipe, reporter: Reporter = Reporter(), force: bool = False, resume: bool = False,
         hooks: FitHooks = FitHooks()) -> FitResult:
-    started = time.perf_counter()
     run = RunDir(recipe.output_dir)
     recipe_text = _saved_recipe(recipe)
     with recipe.located():
         _check_output_dir(recipe)
-    state = run.check_for_fit(recipe_text, force, resume)
+    run.check_for_fit(recipe_text, force, resume)  # read-only: nothing is created in a directory we may not use
+    with run.exclusive():
+        # Again under the lock: another fit may have finished or started in between.
+        state = run.check_for_fit(recipe_text, force, resume)
+        return _fit_locked(recipe, run, recipe_text, state, reporter, hooks)
+
+
+def _fit_locked(recipe: Recipe, run: RunDir, recipe_text: str, state: Optional[ResumeState], reporter: Reporter,
+                hooks: FitHooks) -> FitResult:
+    started = time.perf_counter()
     stages = recipe.stage_plan()
     with recipe.located():
         device = resolve_device(recipe.device)
@@ -522,14 +534,14 @@ def fit(recipe: Recipe, reporter: Reporter = Reporter(), force: bool = False, re
         else:
             _restore_model(ctx, state)
             reporter.info(f"resuming {run} at stage {state.stage + 1}, after epoch {state.epoch}")
-        summaries, last_row, cache_key = _fit_stages(ctx, stages, state)
+        with ctx.locks:
+            summaries, last_row, cache_key = _fit_stages(ctx, stages, state)
     final = prepared.for_stage(stages[-1]).transfer_model().to("cpu")
     save_checkpoint(run, final, CheckpointMeta(
         model=recipe.base.describe(), head_layer=prepared.head_layer, class_names=plan.class_names,
         preprocess=prepared.preprocess.to_dict(), frontier=prepared.splits[stages[-1].index].frontier_names,
         cache_key=cache_key, data_fingerprint=plan.fingerprint(), stages=summaries, decoder=decoder_name(device),
-        skipped_images=sorted(ctx.skipped),
-        frozen_modules=final.frozen_modules, frozen_attrs=final.frozen_attrs,
+        skipped_images=sorted(ctx.skipped), frozen_modules=final.frozen_modules, frozen_attrs=final.frozen_attrs,
     ))
     plot_curves(run.metrics(), run / CURVES)
     epochs = sum(s.epochs_run for s in summaries)
