@@ -6,6 +6,8 @@ torch) are imported inside the commands so that `tl --help` stays fast.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -47,6 +49,23 @@ def _fail(err: TLError) -> None:
     raise typer.Exit(code=1) from None
 
 
+# A disk that is full, read-only or not ours is the user's to fix, not a bug in tl.
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+
+
+@contextlib.contextmanager
+def _user_errors():
+    """The one place that turns the engine's errors into lines and an exit code."""
+    try:
+        yield
+    except TLError as err:
+        _fail(err)
+    except OSError as err:
+        if err.errno not in _DISK_ERRNOS:
+            raise  # anything else is our bug: keep the traceback
+        _fail(TLError(f"{err.filename or 'a file'}: {err.strerror}"))
+
+
 def _reporter():
     from tlcli.progress import RichReporter
 
@@ -56,12 +75,10 @@ def _reporter():
 @app.command()
 def validate(recipe: RecipeArg) -> None:
     """Check a recipe: its schema, then every layer name against the model's graph."""
-    try:
+    with _user_errors():
         from tlcli.inspect import validate_recipe
 
         validate_recipe(recipe)
-    except TLError as err:
-        _fail(err)
     typer.echo(f"{recipe}: ok")
 
 
@@ -71,12 +88,10 @@ def inspect(
     stage: Annotated[Optional[int], typer.Option(help="Show this stage's freeze (1-based; default the first).")] = None,
 ) -> None:
     """The model after surgery, node by node: op, output shape, parameters, frozen or trainable, the frontier."""
-    try:
+    with _user_errors():
         from tlcli.inspect import inspect_recipe
 
         rows, summary = inspect_recipe(recipe, stage)
-    except TLError as err:
-        _fail(err)
     from rich.console import Console
     from rich.table import Table
 
@@ -105,13 +120,11 @@ def featurize(
     force: Annotated[bool, typer.Option("--force", help="Rebuild the cache even when a complete one exists.")] = False,
 ) -> None:
     """Run the frozen part once per split and cache its activations on disk."""
-    try:
+    with _user_errors():
         from tlcli.features import featurize_recipe
         from tlcli.recipe import load_recipe
 
         caches = featurize_recipe(load_recipe(recipe), _reporter(), force=force)
-    except TLError as err:
-        _fail(err)
     if not caches:
         typer.echo("no stage trains from the feature cache (every stage trains on images); nothing to do")
     for cache in caches:
@@ -129,13 +142,11 @@ def fit(
     if force and resume:
         typer.echo("error: --force starts over and --resume continues; give one", err=True)
         raise typer.Exit(code=2)
-    try:
+    with _user_errors():
         from tlcli.recipe import load_recipe
         from tlcli.train import fit as run_fit
 
         result = run_fit(load_recipe(recipe), _reporter(), force=force, resume=resume)
-    except TLError as err:
-        _fail(err)
     if result.skipped:
         typer.echo(f"warning: skipped {len(result.skipped)} unreadable image(s) (data.on_bad_image: skip); "
                    f"listed in {result.run_dir}/checkpoint.json", err=True)
@@ -155,12 +166,10 @@ def evaluate(
     device: Annotated[Optional[str], typer.Option(help="Override the recipe's device (auto, cpu, cuda).")] = None,
 ) -> None:
     """Score the full model on the raw test images: accuracy, top-5, per-class P/R/F1, confusion matrix."""
-    try:
+    with _user_errors():
         from tlcli.evaluate import evaluate as run_evaluate
 
         result = run_evaluate(target, _reporter(), device)
-    except TLError as err:
-        _fail(err)
     m = result.metrics
     for w in result.warnings:
         typer.echo(f"warning: {w}", err=True)

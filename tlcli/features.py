@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from tlcli.build import Prepared, prepare
 from tlcli.data import DataPlan, plan_data
-from tlcli.files import atomic_write, file_lock, write_json_atomic
+from tlcli.files import atomic_write, file_lock, tensors_bytes, write_json_atomic
 from tlcli.pipeline import ImageLoader, decode_threads, decoder_name
 from tlcli.progress import Reporter
 from tlcli.recipe import CacheSpec, DataSpec, Recipe, Stage
@@ -154,7 +154,7 @@ class ShardWriter:
         tensors = {f"frontier_{i}": torch.cat([b[i] for b in self._outs]).contiguous() for i in range(len(self._outs[0]))}
         tensors["labels"] = torch.cat(self._labels)
         name = f"{self.split}-{len(self.shards):05d}.safetensors"
-        atomic_write(self.directory / name, lambda p: save_file(tensors, str(p)))
+        atomic_write(self.directory / name, tensors_bytes(tensors))
         self.shards.append({"file": name, "rows": self._rows, "bytes": (self.directory / name).stat().st_size})
         self._outs, self._labels, self._rows = [], [], 0
 
@@ -207,12 +207,16 @@ def featurize(
         tmp = final.with_name(f"{key}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        threads = decode_threads(data.num_workers, device)
-        manifest = _write_splits(prepared, plan, splits, _Extractor(prepared, device, cache.dtype), tmp, cache, data,
-                                 threads, reporter)
-        manifest.update(key=key, components=components)
-        # The manifest is written last: its presence is what marks a cache complete.
-        write_json_atomic(tmp / MANIFEST, manifest)
+        try:
+            threads = decode_threads(data.num_workers, device)
+            manifest = _write_splits(prepared, plan, splits, _Extractor(prepared, device, cache.dtype), tmp, cache, data,
+                                     threads, reporter)
+            manifest.update(key=key, components=components)
+            # The manifest is written last: its presence is what marks a cache complete.
+            write_json_atomic(tmp / MANIFEST, manifest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # a kill -9 skips this; the next run removes it (pid gone)
+            raise
         _swap_in(tmp, final, reporter)
     reporter.info(f"feature cache written: {final}")
     written = open_cache(final)

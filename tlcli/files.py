@@ -12,23 +12,54 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 
-def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
-    """Call `write(part_path)`, then rename the part file onto `path`."""
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to a part file beside `path`, then rename it onto `path`.
+
+    Callers serialise to bytes first (safetensors' `save`, `torch.save` into a buffer), so
+    that a full or read-only disk surfaces here as an OSError naming `path`, not as a
+    library's own exception type."""
     path = Path(path)
     part = path.with_name(path.name + ".part")
     try:
-        write(part)
+        with open(part, "wb") as f:
+            f.write(data)
         os.replace(part, path)
+    except OSError as err:
+        _discard(part)
+        raise OSError(err.errno, err.strerror, str(path)) from None
     except BaseException:
-        part.unlink(missing_ok=True)
+        _discard(part)
         raise
 
 
+def _discard(part: Path) -> None:
+    try:
+        part.unlink(missing_ok=True)
+    except OSError:
+        pass  # a read-only directory never got the part file
+
+
+def tensors_bytes(tensors: dict) -> bytes:
+    from safetensors.torch import save
+
+    return save(tensors)
+
+
+def torch_bytes(obj: Any) -> bytes:
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
 def write_text_atomic(path: Path, text: str) -> None:
-    atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
+    atomic_write(path, text.encode("utf-8"))
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from tlcli import __version__
 from tlcli.errors import RunError
-from tlcli.files import atomic_write, file_lock, write_json_atomic, write_text_atomic
+from tlcli.files import atomic_write, file_lock, tensors_bytes, torch_bytes, write_json_atomic, write_text_atomic
 
 MARKER = "tl-run.json"
 LOCK = "tl-run.lock"  # held by the fit writing the run; never deleted (another process may hold it)
@@ -244,19 +244,16 @@ class RunDir:
         `tensors` are state dicts (safetensors), `objects` are torch-saved
         state such as the optimizer's (read back with weights_only=True).
         A kill at any point leaves a consistent previous state."""
-        import torch
-        from safetensors.torch import save_file
-
         d = self.path / RESUME
         d.mkdir(parents=True, exist_ok=True)
         tag = f"s{state.stage}-e{state.epoch:04d}"
         files = {}
         for kind, tensor_dict in tensors.items():
             files[kind] = f"{kind}-{tag}.safetensors"
-            atomic_write(d / files[kind], lambda p, t=tensor_dict: save_file(t, str(p)))
+            atomic_write(d / files[kind], tensors_bytes(tensor_dict))
         for kind, obj in objects.items():
             files[kind] = f"{kind}-{tag}.pt"
-            atomic_write(d / files[kind], lambda p, o=obj: torch.save(o, p))
+            atomic_write(d / files[kind], torch_bytes(obj))
         write_json_atomic(d / STATE, state.model_copy(update={"files": files}).model_dump(mode="json"))
         for f in d.iterdir():
             if f.name != STATE and f.name not in files.values():
@@ -280,9 +277,7 @@ class RunDir:
 
     def save_checkpoint(self, state: dict, meta: CheckpointMeta) -> None:
         """Weights first, then `checkpoint.json`; then the resume state goes."""
-        from safetensors.torch import save_file
-
-        atomic_write(self.path / WEIGHTS, lambda p: save_file(state, str(p)))
+        atomic_write(self.path / WEIGHTS, tensors_bytes(state))
         write_json_atomic(self.path / CHECKPOINT, meta.model_dump(mode="json"))
         shutil.rmtree(self.path / RESUME, ignore_errors=True)
 
