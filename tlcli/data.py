@@ -20,8 +20,7 @@ import shutil
 import sqlite3
 import tarfile
 import tempfile
-import urllib.error
-import urllib.request
+import zlib
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -29,13 +28,20 @@ from typing import Optional, Union
 
 import numpy as np
 
+from tlcli.download import download
 from tlcli.errors import DataError, SpecError, did_you_mean
 from tlcli.files import file_digest
 from tlcli.recipe import DataSpec
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SPLITS = ("train", "val", "test")
-FLOWERS_URL = "http://download.tensorflow.org/example_images/flower_photos.tgz"
+FLOWERS_URL = "https://storage.googleapis.com/download.tensorflow.org/example_images/flower_photos.tgz"
+# The archive's sha256 and size, as TensorFlow Datasets pins them (url_checksums/tf_flowers.txt).
+FLOWERS_SHA256 = "4c54ace7911aaffe13a365c34f650e71dd5bf1be0a58b464e5a7183e3e595d9c"
+FLOWERS_BYTES = 228_813_984
+# Extraction bounds: the real archive unpacks to about 230 MB in 3,675 files.
+MAX_EXTRACTED_BYTES = 1 << 30
+MAX_EXTRACTED_FILES = 20_000
 
 Source = Union[int, str]  # an index into the digits array, or an image path
 
@@ -156,7 +162,8 @@ def plan_data(spec: DataSpec, index: Optional[Path] = None) -> DataPlan:
         pairs = [(i, int(t)) for i, t in enumerate(target)]
         pairs, names = _select_classes(spec, pairs, names)
         return DataPlan("digits", names, _split(spec, pairs))
-    root = Path(spec.imagefolder) if spec.imagefolder else download_flowers(spec.url or FLOWERS_URL)
+    root = Path(spec.imagefolder) if spec.imagefolder else download_flowers(
+        spec.url or FLOWERS_URL, spec.sha256 if spec.url else FLOWERS_SHA256)
     plan = plan_imagefolder(spec, root)
     plan.index = index
     return plan
@@ -345,23 +352,16 @@ def data_home() -> Path:
     return Path(os.environ.get("TL_DATA_HOME", Path.home() / ".cache" / "tl" / "datasets"))
 
 
-def download_flowers(url: str) -> Path:
-    """Download and extract flower_photos once; extraction refuses path traversal."""
+def download_flowers(url: str, sha256: Optional[str] = FLOWERS_SHA256) -> Path:
+    """Download (https, checked against the pinned sha256) and extract flower_photos once."""
     target = data_home() / "flower_photos"
     if (target / ".complete").exists():
         return target
     data_home().mkdir(parents=True, exist_ok=True)
+    hint = (f" Offline, extract flower_photos.tgz so that {target}/<class>/ holds the images and create "
+            f"{target}/.complete, or use imagefolder: PATH")
     with tempfile.TemporaryDirectory(dir=data_home()) as tmp:
-        archive = Path(tmp) / "flower_photos.tgz"
-        try:
-            with urllib.request.urlopen(url, timeout=60) as response, open(archive, "wb") as out:
-                shutil.copyfileobj(response, out)
-        except (urllib.error.URLError, OSError) as err:
-            raise DataError(
-                f"cannot download {url} ({getattr(err, 'reason', err)}). Offline, extract flower_photos.tgz "
-                f"so that {target}/<class>/ holds the images and create {target}/.complete, "
-                f"or use imagefolder: PATH"
-            ) from None
+        archive = download(url, Path(tmp) / "flower_photos.tgz", sha256, max_bytes=2 * FLOWERS_BYTES, offline_hint=hint)
         extract_dir = Path(tmp) / "extract"
         safe_extract(archive, extract_dir)
         inner = extract_dir / "flower_photos"
@@ -374,10 +374,25 @@ def download_flowers(url: str) -> Path:
     return target
 
 
-def safe_extract(archive: Path, dest: Path) -> None:
-    """Extract a tar archive, refusing absolute paths, `..`, links out and devices."""
+def safe_extract(archive: Path, dest: Path, max_bytes: int = MAX_EXTRACTED_BYTES,
+                 max_files: int = MAX_EXTRACTED_FILES) -> None:
+    """Extract a tar archive, refusing absolute paths, `..`, links out and devices (tarfile's
+    `data` filter), and archives that unpack to more than max_bytes or max_files."""
     try:
         with tarfile.open(archive) as tar:
-            tar.extractall(dest, filter="data")
-    except (tarfile.FilterError, tarfile.TarError, OSError) as err:
+            members = _bounded_members(tar, archive, max_bytes, max_files)
+            tar.extractall(dest, members=members, filter="data")
+    except (tarfile.FilterError, tarfile.TarError, OSError, EOFError, zlib.error) as err:
         raise DataError(f"{archive}: refusing to extract: {err}") from None
+
+
+def _bounded_members(tar: tarfile.TarFile, archive: Path, max_bytes: int, max_files: int) -> list:
+    members, total = [], 0
+    for member in tar:  # headers only: sizes are known before any byte is written
+        members.append(member)
+        total += member.size
+        if len(members) > max_files:
+            raise DataError(f"{archive}: more than {max_files:,} files; refusing to extract")
+        if total > max_bytes:
+            raise DataError(f"{archive}: unpacks to more than {max_bytes:,} bytes; refusing to extract")
+    return members

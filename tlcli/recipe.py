@@ -135,15 +135,17 @@ class SplitSpec(Strict):
 class DataSpec(Strict):
     dataset: Optional[Literal["digits", "flowers"]] = None
     imagefolder: Optional[str] = None
-    # Where `dataset: flowers` downloads from; tests point it at a local server.
+    # Where `dataset: flowers` downloads from (a mirror; tests use a local server), and the
+    # archive's sha256 there; without url, the official archive and its pinned sha256.
     url: Optional[str] = None
+    sha256: Optional[str] = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$")
     split: SplitSpec = SplitSpec()
     # Keep only these classes (by name), in this order: e.g. digits 0-4.
     classes: Optional[list[str]] = None
     # Stratified subsample of this many images before splitting, for smoke runs.
     limit: Optional[int] = Field(default=None, ge=10)
     # The frozen forward's batch (featurize, evaluate); training batches are fine_tune.batch_size.
-    batch_size: int = Field(default=64, ge=1)
+    batch_size: int = Field(default=64, ge=1, le=1_000_000)
     # Threads that decode and resize ahead of the forward; auto: from the cores this process may use.
     num_workers: Union[Literal["auto"], Annotated[int, Field(ge=0)]] = "auto"
     # A file that cannot be decoded: stop with its name (error), or leave it out and list it in the run (skip).
@@ -162,6 +164,8 @@ class DataSpec(Strict):
             raise ValueError("give exactly one of 'dataset: digits|flowers' or 'imagefolder: PATH'")
         if self.url and self.dataset != "flowers":
             raise ValueError("'url' only applies to 'dataset: flowers'")
+        if self.sha256 and not self.url:
+            raise ValueError("'sha256' goes with 'url' (the official archive's sha256 is pinned)")
         return self
 
 
@@ -235,10 +239,10 @@ class AddSpec(Strict):
     fn: Optional[Activation] = None  # type: activation
     p: Optional[float] = Field(default=None, ge=0, lt=1)  # type: dropout
     pool: Optional[Literal["avg", "max", "adaptive_avg", "adaptive_max"]] = None  # type: pooling
-    kernel: Optional[int] = Field(default=None, ge=1)
-    stride: Optional[int] = Field(default=None, ge=1)
-    output_size: int = Field(default=1, ge=1)  # adaptive pooling
-    lr: Optional[float] = Field(default=None, gt=0)  # this layer's own learning rate
+    kernel: Optional[int] = Field(default=None, ge=1, le=4096)
+    stride: Optional[int] = Field(default=None, ge=1, le=4096)
+    output_size: int = Field(default=1, ge=1, le=4096)  # adaptive pooling
+    lr: Optional[float] = Field(default=None, gt=0, le=10)  # this layer's own learning rate
 
     @model_validator(mode="after")
     def _fields_for_type(self) -> "AddSpec":
@@ -300,8 +304,8 @@ class HeadSpec(Strict):
 
 class EarlyStopping(Strict):
     monitor: Literal["val_acc", "val_loss"] = "val_acc"
-    patience: int = Field(default=5, ge=1)
-    min_delta: float = Field(default=0.0, ge=0)
+    patience: int = Field(default=5, ge=1, le=100_000)
+    min_delta: float = Field(default=0.0, ge=0, le=1e6)
 
 
 class FineTuneSpec(Strict):
@@ -309,10 +313,11 @@ class FineTuneSpec(Strict):
     # probe (standardised inputs, full-batch L-BFGS, L2 chosen on val); anything else
     # trains with adam. lbfgs asks for the probe fit outright.
     optimizer: Literal["auto", "sgd", "adam", "adamw", "rmsprop", "lbfgs"] = "auto"
-    lr: float = Field(default=1e-3, gt=0)
+    # Upper bounds catch typos (1e38 overflows inside the optimizer); no real recipe comes near them.
+    lr: float = Field(default=1e-3, gt=0, le=10)
     momentum: float = Field(default=0.9, ge=0, lt=1)
     nesterov: bool = False
-    weight_decay: float = Field(default=0.0, ge=0)
+    weight_decay: float = Field(default=0.0, ge=0, le=10)
     # Norm weights and biases usually take no weight decay (timm, fastai do the same).
     decay_norm_and_bias: bool = False
     # The learning-rate schedule, stepped every batch; warmup ramps linearly from 0.
@@ -321,9 +326,9 @@ class FineTuneSpec(Strict):
     step_epochs: int = Field(default=10, ge=1)  # schedule: step — multiply by step_gamma every step_epochs
     step_gamma: float = Field(default=0.1, gt=0, le=1)
     label_smoothing: float = Field(default=0.0, ge=0, lt=1)
-    grad_clip: Optional[float] = Field(default=None, gt=0)  # max global grad norm
-    epochs: int = Field(default=10, ge=1)
-    batch_size: int = Field(default=64, ge=1)
+    grad_clip: Optional[float] = Field(default=None, gt=0, le=1e6)  # max global grad norm
+    epochs: int = Field(default=10, ge=1, le=100_000)
+    batch_size: int = Field(default=64, ge=1, le=1_000_000)
     seed: Seed = 0
     # Per-layer learning rates by module name (a module covers everything inside it).
     layer_lr: dict[str, float] = {}
@@ -341,9 +346,9 @@ class FineTuneSpec(Strict):
     @field_validator("layer_lr")
     @classmethod
     def _positive(cls, value: dict[str, float]) -> dict[str, float]:
-        bad = [k for k, v in value.items() if not (v > 0 and math.isfinite(v))]
+        bad = [k for k, v in value.items() if not 0 < v <= 10]
         if bad:
-            raise ValueError(f"learning rates must be finite and > 0 ({', '.join(bad)})")
+            raise ValueError(f"learning rates must be in (0, 10] ({', '.join(bad)})")
         return value
 
     @model_validator(mode="after")
@@ -373,9 +378,9 @@ class CropSpec(Strict):
 
 
 class JitterSpec(Strict):
-    brightness: float = Field(default=0.0, ge=0)
-    contrast: float = Field(default=0.0, ge=0)
-    saturation: float = Field(default=0.0, ge=0)
+    brightness: float = Field(default=0.0, ge=0, le=10)
+    contrast: float = Field(default=0.0, ge=0, le=10)
+    saturation: float = Field(default=0.0, ge=0, le=10)
     hue: float = Field(default=0.0, ge=0, le=0.5)
 
 
@@ -405,7 +410,7 @@ class StageSpec(Strict):
 
     name: Optional[str] = None
     freeze: Optional[FreezeSpec] = None
-    epochs: Optional[int] = Field(default=None, ge=1)
+    epochs: Optional[int] = Field(default=None, ge=1, le=100_000)
     fine_tune: Optional[FineTuneOverride] = None  # type: ignore[valid-type]
     augment: Optional[AugmentSpec] = None
     # auto: the feature cache when the stage has no augmentation and freezes
@@ -445,10 +450,10 @@ class CacheSpec(Strict):
     # float32 keeps cached features bit-comparable with the full model;
     # bfloat16 runs the frozen part under autocast and halves the cache.
     dtype: Literal["float32", "bfloat16"] = "float32"
-    shard_size: int = Field(default=1024, ge=1)
+    shard_size: int = Field(default=1024, ge=1, le=10_000_000)
     # A cache stage whose train and val rows fit in this many MiB (as float32)
     # loads them onto the device once and runs every epoch from memory.
-    memory_mib: int = Field(default=2048, ge=0)
+    memory_mib: int = Field(default=2048, ge=0, le=16 * 2**20)
 
 
 class Recipe(Strict):

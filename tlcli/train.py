@@ -507,40 +507,42 @@ def _check_plan(stages: list[Stage], plan: DataPlan) -> None:
 
 def fit(recipe: Recipe, reporter: Reporter = Reporter(), force: bool = False, resume: bool = False,
         hooks: FitHooks = FitHooks()) -> FitResult:
+    started = time.perf_counter()
     run = RunDir(recipe.output_dir)
     recipe_text = _saved_recipe(recipe)
     with recipe.located():
         _check_output_dir(recipe)
-    run.check_for_fit(recipe_text, force, resume)  # read-only: nothing is created in a directory we may not use
-    with run.exclusive():
-        # Again under the lock: another fit may have finished or started in between.
-        state = run.check_for_fit(recipe_text, force, resume)
-        return _fit_locked(recipe, run, recipe_text, state, reporter, hooks)
-
-
-def _fit_locked(recipe: Recipe, run: RunDir, recipe_text: str, state: Optional[ResumeState], reporter: Reporter,
-                hooks: FitHooks) -> FitResult:
-    started = time.perf_counter()
+    # Every check is read-only and comes first: a bad recipe or data set creates nothing.
+    run.check_for_fit(recipe_text, force, resume)
     stages = recipe.stage_plan()
     with recipe.located():
         device = resolve_device(recipe.device)
         plan = plan_data(recipe.data, digest_index(recipe.cache))
         prepared = prepare(recipe, plan.class_names)
         _check_plan(stages, plan)
-        ctx = FitContext(run, prepared, plan, recipe.data, recipe.cache, device, reporter, hooks, stages)
-        _pin_frozen(ctx, stages)
-        if state is None:
-            run.start(recipe_text)
-        else:
-            _restore_model(ctx, state)
-            reporter.info(f"resuming {run} at stage {state.stage + 1}, after epoch {state.epoch}")
-        with ctx.locks:
-            summaries, last_row, cache_key = _fit_stages(ctx, stages, state)
+    ctx = FitContext(run, prepared, plan, recipe.data, recipe.cache, device, reporter, hooks, stages)
+    with run.exclusive():
+        # Again under the lock: another fit may have finished or started in between.
+        state = run.check_for_fit(recipe_text, force, resume)
+        return _fit_locked(ctx, recipe, recipe_text, state, started)
+
+
+def _fit_locked(ctx: FitContext, recipe: Recipe, recipe_text: str, state: Optional[ResumeState],
+                started: float) -> FitResult:
+    run, prepared, plan, stages = ctx.run, ctx.prepared, ctx.plan, ctx.stages
+    _pin_frozen(ctx, stages)
+    if state is None:
+        run.start(recipe_text)
+    else:
+        _restore_model(ctx, state)
+        ctx.reporter.info(f"resuming {run} at stage {state.stage + 1}, after epoch {state.epoch}")
+    with recipe.located(), ctx.locks:
+        summaries, last_row, cache_key = _fit_stages(ctx, stages, state)
     final = prepared.for_stage(stages[-1]).transfer_model().to("cpu")
     save_checkpoint(run, final, CheckpointMeta(
         model=recipe.base.describe(), head_layer=prepared.head_layer, class_names=plan.class_names,
         preprocess=prepared.preprocess.to_dict(), frontier=prepared.splits[stages[-1].index].frontier_names,
-        cache_key=cache_key, data_fingerprint=plan.fingerprint(), stages=summaries, decoder=decoder_name(device),
+        cache_key=cache_key, data_fingerprint=plan.fingerprint(), stages=summaries, decoder=decoder_name(ctx.device),
         skipped_images=sorted(ctx.skipped), frozen_modules=final.frozen_modules, frozen_attrs=final.frozen_attrs,
     ))
     plot_curves(run.metrics(), run / CURVES)
