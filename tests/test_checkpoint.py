@@ -85,6 +85,12 @@ def test_a_failed_recipe_check_leaves_the_old_run_alone(tmp_path, cli):
     assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before
 
 
+def _edit_meta(run, change):
+    meta = json.loads((run / "checkpoint.json").read_text())
+    change(meta)
+    (run / "checkpoint.json").write_text(json.dumps(meta))
+
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("finished")
@@ -107,6 +113,8 @@ def test_checkpoint_rebuilds_the_saved_model(finished_run):
     (lambda run: (run / "checkpoint.json").write_text(json.dumps({"model": "x"})), "checkpoint.json: damaged (head_layer: Field required"),
     (lambda run: (run / "model.safetensors").write_bytes((run / "model.safetensors").read_bytes()[:100]),
      "model.safetensors: damaged or unreadable"),
+    (lambda run: _edit_meta(run, lambda m: m["preprocess"].update(std=[0, 0, 0])), "damaged (preprocess.std.0"),
+    (lambda run: _edit_meta(run, lambda m: m["preprocess"].pop("mean")), "damaged (preprocess.mean: Field required"),
 ])
 def test_a_damaged_run_is_one_line_naming_the_file(finished_run, tmp_path, damage, fragment, cli):
     import shutil

@@ -218,3 +218,27 @@ def test_architecture_only_build_keeps_the_weights_preprocessing():
     embedded = BaseSpec(zoo="timm", model="tf_efficientnet_lite0", weights=WeightsSpec(name="embedded"))
     pp = build_base(embedded, load_weights=False).preprocess
     assert (pp.mean, pp.mode) == ((0.5, 0.5, 0.5), "squash")
+
+
+def test_a_weights_file_from_another_task_loads_all_but_its_head(tmp_path):
+    """The normal transfer case: the file's classifier has other classes; it is left out and
+    everything else loads. Any other shape mismatch is still an error that names the tensor."""
+    from safetensors.torch import save_file
+
+    from tlcli.models import TinyResNet
+
+    torch.manual_seed(3)
+    donor = TinyResNet(num_classes=5)
+    save_file(donor.state_dict(), str(tmp_path / "w.safetensors"))
+    model = TinyResNet(num_classes=10)
+    load_file_weights(model, str(tmp_path / "w.safetensors"), None)
+    assert torch.equal(model.stem[0].weight, donor.stem[0].weight) and model.fc.weight.shape == (10, 8)
+    wide = TinyResNet(num_classes=5, width=16)
+    with pytest.raises(WeightsError, match=r"does not fit the model: shape mismatch \[.block.0.weight \(8, 8, 3, 3\) vs \(16, 16, 3, 3\)"):
+        load_file_weights(wide, str(tmp_path / "w.safetensors"), None)
+
+
+def test_a_malformed_safetensors_file_is_a_weights_error(tmp_path):
+    (tmp_path / "w.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
+    with pytest.raises(WeightsError, match="not a readable safetensors file"):
+        load_file_weights(torch.nn.Linear(2, 2), str(tmp_path / "w.safetensors"), None)

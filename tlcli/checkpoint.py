@@ -24,7 +24,7 @@ class Checkpoint:
 
     @property
     def preprocess(self) -> Preprocess:
-        return Preprocess.from_dict(self.meta.preprocess)
+        return Preprocess.from_dict(self.meta.preprocess.model_dump())
 
     @property
     def class_names(self) -> list[str]:

@@ -22,9 +22,9 @@ import contextlib
 import json
 import shutil
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Annotated, Any, Iterator, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tlcli import __version__
 from tlcli.errors import RunError
@@ -83,13 +83,25 @@ class ResumeState(_Record):
     l2: Optional[float] = None  # the probe fit's L2, chosen once per stage
 
 
+class PreprocessRecord(_Record):
+    """The preprocessing a run was trained with, as `checkpoint.json` stores it."""
+
+    size: int = Field(ge=1, le=4096)
+    resize: int = Field(ge=1, le=8192)
+    mode: Literal["squash", "center_crop"]
+    mean: tuple[float, ...] = Field(min_length=1, max_length=3)
+    std: tuple[Annotated[float, Field(gt=0)], ...] = Field(min_length=1, max_length=3)
+    interpolation: Literal["nearest", "nearest-exact", "bilinear", "bicubic", "box", "hamming", "lanczos"]
+    channels: Literal[1, 3] = 3
+
+
 class CheckpointMeta(_Record):
     """`checkpoint.json`: what rebuilds the model offline beside its weights."""
 
     model: str
     head_layer: Optional[str]
     class_names: list[str]
-    preprocess: dict[str, Any]
+    preprocess: PreprocessRecord
     frontier: list[str]
     cache_key: Optional[str]
     data_fingerprint: str

@@ -115,9 +115,13 @@ def load_embedded_lite0(model: nn.Module) -> None:
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """A state dict from .safetensors or a torch file, never unpickling code."""
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError) as err:
+            raise WeightsError(f"{path}: not a readable safetensors file ({err})") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a corrupt or code-carrying pickle: the user's file, not our bug
@@ -138,21 +142,29 @@ def load_file_weights(model: nn.Module, file: str, sha256: Optional[str]) -> Non
         if actual != sha256:
             raise WeightsError(f"{path}: sha256 is {actual}, the recipe expects {sha256}")
     state = read_state_dict(path)
-    result = model.load_state_dict(state, strict=False)
-    shape_problems = []
     own = model.state_dict()
-    for key, tensor in state.items():
-        if key in own and own[key].shape != tensor.shape:
-            shape_problems.append(f"{key} {tuple(tensor.shape)} vs {tuple(own[key].shape)}")
-    if result.missing_keys or result.unexpected_keys or shape_problems:
+    head = _last_linear(model)
+    # The classifier of a model trained on other classes is the normal transfer case: it is
+    # left out (the head is replaced to fit the data); any other mismatch is an error.
+    reshaped = {k for k, t in state.items() if k in own and own[k].shape != t.shape}
+    skipped = {k for k in reshaped if head and k.rsplit(".", 1)[0] == head}
+    shape_problems = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(reshaped - skipped)]
+    result = model.load_state_dict({k: t for k, t in state.items() if k not in reshaped}, strict=False)
+    missing = [k for k in result.missing_keys if k not in reshaped]
+    if missing or result.unexpected_keys or shape_problems:
         parts = []
-        if result.missing_keys:
-            parts.append(f"missing {result.missing_keys[:3]}")
+        if missing:
+            parts.append(f"missing {missing[:3]}")
         if result.unexpected_keys:
             parts.append(f"unexpected {result.unexpected_keys[:3]}")
         if shape_problems:
             parts.append(f"shape mismatch {shape_problems[:3]}")
         raise WeightsError(f"{path}: does not fit the model: " + "; ".join(parts))
+
+
+def _last_linear(model: nn.Module) -> Optional[str]:
+    names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return names[-1] if names else None
 
 
 def hub_checkpoint_path(url: str) -> Path:
