@@ -129,3 +129,11 @@ def test_help_does_not_import_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
     assert "featurize" in out.stdout
+
+
+def test_duplicate_or_single_classes_are_refused_at_their_line():
+    text = GOOD.replace("dataset: digits", "dataset: digits\n  classes: [1, 2, 1]")
+    with pytest.raises(RecipeError, match=r"r.yaml:7: data.classes: class '1' is listed twice"):
+        parse_recipe(text, name="r.yaml")
+    with pytest.raises(RecipeError, match="2 or more classes"):
+        parse_recipe(GOOD.replace("dataset: digits", "dataset: digits\n  classes: [3]"), name="r.yaml")

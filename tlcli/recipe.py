@@ -158,6 +158,17 @@ class DataSpec(Strict):
             return [str(v) for v in value]
         return value
 
+    @field_validator("classes")
+    @classmethod
+    def _distinct(cls, value: Optional[list[str]]) -> Optional[list[str]]:
+        if value is not None:
+            seen = [c for i, c in enumerate(value) if c in value[:i]]
+            if seen:
+                raise ValueError(f"class '{seen[0]}' is listed twice: each class gets one output")
+            if len(value) < 2:
+                raise ValueError("a classifier needs 2 or more classes")
+        return value
+
     @model_validator(mode="after")
     def _one_source(self) -> "DataSpec":
         if (self.dataset is None) == (self.imagefolder is None):
