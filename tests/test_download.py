@@ -25,7 +25,7 @@ class Misbehaving:
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def log_message(self, *args):
-                pass
+                """Quiet: a test server's access log is noise in pytest's output."""
 
             def do_GET(self):
                 outer.requests += 1

@@ -282,7 +282,7 @@ def test_shipped_two_stage_recipe_plans_cache_then_images():
 
 
 class _Crash(Exception):
-    pass
+    """A crash in the middle of a fit, raised from a hook."""
 
 
 def test_resume_state_holds_only_trained_tensors_and_pins_the_rest(tmp_path, cli):
