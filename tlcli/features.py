@@ -166,10 +166,10 @@ class ShardWriter:
 class _Extractor:
     """The frozen part on the device, in the layout and precision the cache asks for."""
 
-    def __init__(self, prepared: Prepared, device: torch.device, dtype: str):
+    def __init__(self, module: torch.fx.GraphModule, device: torch.device, dtype: str):
         self.device = device
         self.channels_last = device.type != "mps"
-        self.module = prepared.extractor().to(device).eval()
+        self.module = module.to(device).eval()
         if self.channels_last:
             self.module = self.module.to(memory_format=torch.channels_last)
         self.store_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
@@ -194,7 +194,8 @@ def featurize(
     """The cache for this model's frozen part and data (the plan's `splits`, all by default),
     built when missing (or forced)."""
     splits = [s for s in plan.splits if splits is None or s in splits]
-    components = key_components(prepared, plan, prepared.extractor(), cache.dtype, decoder_name(device), splits)
+    extractor = prepared.extractor()
+    components = key_components(prepared, plan, extractor, cache.dtype, decoder_name(device), splits)
     key = cache_key(components)
     final = Path(cache.dir).expanduser() / key
     # One builder per key: a second featurizer waits here, then finds the cache complete.
@@ -209,7 +210,7 @@ def featurize(
         tmp.mkdir(parents=True)
         try:
             threads = decode_threads(data.num_workers, device)
-            manifest = _write_splits(prepared, plan, splits, _Extractor(prepared, device, cache.dtype), tmp, cache, data,
+            manifest = _write_splits(prepared, plan, splits, _Extractor(extractor, device, cache.dtype), tmp, cache, data,
                                      threads, reporter)
             manifest.update(key=key, components=components)
             # The manifest is written last: its presence is what marks a cache complete.

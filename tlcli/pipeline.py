@@ -24,7 +24,6 @@ import concurrent.futures
 import os
 import warnings
 from collections import deque
-from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
@@ -207,17 +206,11 @@ def augmentation(spec, pp: Preprocess):
 # --------------------------------------------------------------------------- batches
 
 
-@dataclass
-class BatchPlan:
-    """What to load: sources in order, with labels, at a batch size."""
-
-    pairs: Sequence[tuple[Source, int]]
-    batch_size: int
-
-    def chunks(self, order: Optional[Sequence[int]] = None) -> list[list[tuple[Source, int]]]:
-        idx = list(order) if order is not None else range(len(self.pairs))
-        items = [self.pairs[i] for i in idx]
-        return [items[i : i + self.batch_size] for i in range(0, len(items), self.batch_size)]
+def _chunks(pairs: Sequence[tuple[Source, int]], batch_size: int,
+            order: Optional[Sequence[int]] = None) -> list[list[tuple[Source, int]]]:
+    """The (source, label) pairs in `order` (default: as given), cut into batches."""
+    items = [pairs[i] for i in order] if order is not None else list(pairs)
+    return [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
 
 
 class ImageLoader:
@@ -231,7 +224,7 @@ class ImageLoader:
     def __init__(self, pairs, pp: Preprocess, batch_size: int, device: torch.device, threads: int,
                  augment=None, order: Optional[Sequence[int]] = None, prefetch: int = 2, decoder: Optional[str] = None,
                  on_bad_image: str = "error"):
-        self.chunks = BatchPlan(pairs, batch_size).chunks(order)
+        self.chunks = _chunks(pairs, batch_size, order)
         self.pp, self.device, self.augment = pp, device, augment
         self.threads, self.prefetch = threads, max(prefetch, 1)
         self.decoder = decoder or decoder_name(device)
@@ -245,14 +238,14 @@ class ImageLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.threads == 0:
             for chunk in self.chunks:
-                batch = self._finish([self._guarded(self._read, s) for s, _ in chunk], chunk)
+                batch = self._finish([self._guarded(s) for s, _ in chunk], chunk)
                 if batch is not None:
                     yield batch
             return
         with concurrent.futures.ThreadPoolExecutor(self.threads, thread_name_prefix="tl-decode") as pool:
             pending: deque = deque()
             for chunk in self.chunks:
-                pending.append((chunk, [pool.submit(self._guarded, self._read, s) for s, _ in chunk]))
+                pending.append((chunk, [pool.submit(self._guarded, s) for s, _ in chunk]))
                 if len(pending) > self.prefetch:
                     batch = self._finish(*self._gather(pending.popleft()))
                     if batch is not None:
@@ -265,10 +258,10 @@ class ImageLoader:
     def _read(self, source: Source) -> torch.Tensor:
         return _read_bytes_or_decode(source, self.pp) if self.decoder == "nvjpeg" else load_sized(source, self.pp)
 
-    def _guarded(self, read, source: Source):
-        """read(source), or None for an undecodable file when bad images are skipped."""
+    def _guarded(self, source: Source):
+        """The image, or None for an undecodable file when bad images are skipped."""
         try:
-            return read(source)
+            return self._read(source)
         except DataError:
             if not self.skip_bad:
                 raise

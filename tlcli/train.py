@@ -263,6 +263,12 @@ class StageRun:
     def trainable_params(self) -> int:
         return sum(p.numel() for _, p in self.params)
 
+    def probe_step(self, optimizer: torch.optim.LBFGS, l2: float) -> dict:
+        """One full-batch L-BFGS step of the probe fit on the in-memory train rows."""
+        inputs, labels = self.train_rows.memory
+        head = self.prepared.model.get_submodule(self.probe.head)
+        return lbfgs_epoch(self.model, inputs, labels, optimizer, l2, [head.weight])
+
 
 def _setup_stage(ctx: FitContext, stage: Stage) -> StageRun:
     ft = stage.fine_tune
@@ -280,11 +286,10 @@ def _setup_stage(ctx: FitContext, stage: Stage) -> StageRun:
     if not params:
         raise SpecError([(stage.freeze_loc, "everything is frozen: there is nothing left to train")])
     if on_images:
-        ft = ft.model_copy(update={"optimizer": _resolve_optimizer(stage, None)})
         train, val, steps, probe, rows = *_image_inputs(ctx, stage, prepared), None, None
     else:
-        train, val, steps, probe, rows = _cache_inputs(ctx, stage, prepared, cache)
-        ft = ft.model_copy(update={"optimizer": "lbfgs" if probe else _resolve_optimizer(stage, None)})
+        train, val, steps, probe, rows = _cache_inputs(ctx, stage, model.trainable, cache)
+    ft = ft.model_copy(update={"optimizer": "lbfgs" if probe else _resolve_optimizer(stage, None)})
     optimizer = make_optimizer(ft, params, {**prepared.layer_lr, **ft.layer_lr})
     scheduler = make_scheduler(ft, optimizer, max(steps, 1))
     has_val = bool(ctx.plan.splits.get("val"))
@@ -321,14 +326,14 @@ def _noting_skips(ctx: FitContext, loader: ImageLoader) -> Batches:
     ctx.skipped.update(loader.skipped)
 
 
-def _cache_inputs(ctx: FitContext, stage: Stage, prepared: Prepared, cache: FeatureCache):
+def _cache_inputs(ctx: FitContext, stage: Stage, trainable: torch.fx.GraphModule, cache: FeatureCache):
     """Batches from the cache; rows on the device when they fit; a probe fit when the head allows one."""
     ft = stage.fine_tune
     memory = ctx.device if _fits_in_memory(cache, ctx.cache.memory_mib) else None
     train_rows, val_rows = CacheRows(cache, "train", memory), CacheRows(cache, "val", memory)
     head = None
     if train_rows.memory is not None and ft.optimizer in ("auto", "lbfgs"):
-        head = probe_head(prepared.trainable(), [f["shape"] for f in cache.manifest["frontier"]])
+        head = probe_head(trainable, [f["shape"] for f in cache.manifest["frontier"]])
     probe = None
     if _resolve_optimizer(stage, head) == "lbfgs":
         mean, std = standardize(train_rows.memory[0], [val_rows.memory[0] if val_rows.memory else []])
@@ -377,9 +382,7 @@ def _one_epoch(ctx: FitContext, sr: StageRun, epoch: int) -> dict:
     torch.manual_seed(seed)  # dropout, augmentation (in-process)
     lr = max(g["lr"] for g in sr.optimizer.param_groups)
     if sr.probe is not None:
-        inputs, labels = sr.train_rows.memory
-        head = sr.prepared.model.get_submodule(sr.probe.head)
-        train = lbfgs_epoch(sr.model, inputs, labels, sr.optimizer, sr.probe.l2, [head.weight])
+        train = sr.probe_step(sr.optimizer, sr.probe.l2)
         sr.scheduler.step()
     else:
         train = run_epoch(sr.model, sr.train_batches(torch.Generator().manual_seed(seed)), ctx.device,
@@ -455,10 +458,8 @@ def _probe_l2(ctx: FitContext, sr: StageRun, state: Optional[ResumeState]) -> fl
     def fit_with(l2: float) -> dict:
         sr.prepared.model.load_state_dict(start, strict=False)
         optimizer = make_optimizer(sr.ft, sr.params)
-        inputs, labels = sr.train_rows.memory
-        head = sr.prepared.model.get_submodule(sr.probe.head)
         for _ in range(sr.ft.epochs):
-            lbfgs_epoch(sr.model, inputs, labels, optimizer, l2, [head.weight])
+            sr.probe_step(optimizer, l2)
         return run_epoch(sr.model, sr.val_batches(), ctx.device)
 
     with _threads_for(sr, ctx.device):
