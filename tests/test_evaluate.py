@@ -64,14 +64,16 @@ def test_evaluate_scores_from_the_cache_and_matches_the_raw_images(tmp_path):
 
     from tlcli.checkpoint import load_checkpoint
     from tlcli.data import plan_data
-    from tlcli.evaluate import cached_logits, predict
+    from tlcli.evaluate import cached_logits, model_logits
     from tlcli.progress import Reporter
 
     recipe = Recipe.model_validate(tiny_recipe(tmp_path))
     result = fit(recipe)
     ckpt, plan, cpu = load_checkpoint(result.run_dir), plan_data(recipe.data), torch.device("cpu")
-    logits, labels = cached_logits(ckpt, plan, recipe.cache, cpu)
-    raw_logits, raw_labels = predict(ckpt.model, plan.splits["test"], ckpt.preprocess, 8, 0, cpu, Reporter())
+    cached = cached_logits(ckpt, plan, recipe.cache, cpu)
+    logits, labels = cached.logits, cached.labels
+    raw = model_logits(ckpt.model, plan.splits["test"], ckpt.preprocess, 8, 0, cpu, Reporter())
+    raw_logits, raw_labels = raw.logits, raw.labels
     assert (labels == raw_labels).all()
     torch.testing.assert_close(torch.from_numpy(logits), torch.from_numpy(raw_logits), atol=1e-4, rtol=0)
 

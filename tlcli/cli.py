@@ -2,30 +2,96 @@
 
 This is the only module that prints errors or exits. Engine modules (and
 torch) are imported inside the commands so that `tl --help` stays fast.
+
+Output contract, for shell scripts and CI: with `--json`, stdout holds one JSON
+object and nothing else (human text and progress go to stderr); `--quiet`
+keeps only warnings and errors. Exit codes are in `EXIT_CODES`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import json
+import re
 import sys
+import traceback
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
 from tlcli import __version__
 from tlcli.errors import TLError
 
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_BELOW_MIN, EXIT_BUG, EXIT_INTERRUPTED = 0, 1, 2, 3, 70, 130
+EXIT_CODES = {
+    EXIT_OK: "success",
+    EXIT_ERROR: "a problem with the recipe, the data, a run directory or the disk (one line per problem on stderr)",
+    EXIT_USAGE: "wrong command-line usage (unknown option, missing argument)",
+    EXIT_BELOW_MIN: "tl evaluate --min-accuracy: the run scored below the threshold",
+    EXIT_BUG: "a bug in tl: the traceback is printed; please report it",
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C)",
+}
+
 app = typer.Typer(
-    help="Transfer learning from YAML recipes: freeze a zoo model, featurize once, fit the head, evaluate.",
+    help="Transfer learning from YAML recipes: freeze a zoo model, featurize once, fit the head, evaluate, predict, export.",
     context_settings={"help_option_names": ["-h", "--help"]},
     no_args_is_help=True,
-    add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # click's plain help: flags shown without a type, examples kept as written
 )
+recipes_app = typer.Typer(help="The recipes that ship with tl: list them, copy one to start from.",
+                          no_args_is_help=False, invoke_without_command=True)
+app.add_typer(recipes_app, name="recipes")
 
+# Flags take no value; without a metavar, Typer's help prints "<bool>" beside them as if they did.
+FLAG = ""
 RecipeArg = Annotated[Path, typer.Argument(help="Path to the recipe YAML file.", show_default=False)]
+Overrides = Annotated[Optional[list[str]], typer.Argument(
+    help="Recipe overrides KEY=VALUE (VALUE is YAML), e.g. fine_tune.lr=0.01 data.batch_size=32.", show_default=False)]
+JsonOpt = Annotated[bool, typer.Option("--json", metavar=FLAG, help="Print one JSON object on stdout; human text goes to stderr.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", metavar=FLAG, help="No progress and no summary; warnings and errors only.")]
+DeviceOpt = Annotated[Optional[str], typer.Option(help="Override the recipe's device (auto, cpu, cuda, cuda:N, mps).")]
+_OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*=")
+
+
+def _example(*lines: str) -> str:
+    # "\b" keeps click from re-wrapping the paragraph that follows it.
+    return "\b\nExamples:\n" + "\n".join(f"  $ {line}" for line in lines)
+
+
+class Out:
+    """Where each kind of output goes, under --json and --quiet."""
+
+    def __init__(self, as_json: bool = False, quiet: bool = False):
+        self.as_json, self.quiet = as_json, quiet
+
+    def text(self, line: str = "") -> None:
+        if not self.quiet:
+            typer.echo(line, err=self.as_json)
+
+    def warn(self, line: str) -> None:
+        typer.echo(f"warning: {line}", err=True)
+
+    def result(self, obj: dict) -> None:
+        if self.as_json:
+            typer.echo(json.dumps(obj, indent=2, default=str))
+
+    def reporter(self):
+        from tlcli.progress import LineReporter, Reporter, RichReporter
+
+        if self.quiet:
+            return Reporter()
+        return RichReporter() if sys.stderr.isatty() else LineReporter()
+
+    def fail(self, err: TLError, code: int = EXIT_ERROR) -> None:
+        lines = str(err).splitlines()
+        for line in lines:
+            typer.echo(f"error: {line}" if not line.startswith(("error", " ")) else line, err=True)
+        if self.as_json:
+            typer.echo(json.dumps({"ok": False, "exit_code": code, "errors": lines}, indent=2))
+        raise typer.Exit(code=code) from None
 
 
 def _version(value: bool) -> None:
@@ -43,55 +109,78 @@ def _root(
     pass
 
 
-def _fail(err: TLError) -> None:
-    for line in str(err).splitlines():
-        typer.echo(f"error: {line}" if not line.startswith(("error", " ")) else line, err=True)
-    raise typer.Exit(code=1) from None
-
-
 # A disk that is full, read-only or not ours is the user's to fix, not a bug in tl.
 _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 
 
 @contextlib.contextmanager
-def _user_errors():
+def _user_errors(out: Out):
     """The one place that turns the engine's errors into lines and an exit code."""
     try:
         yield
     except TLError as err:
-        _fail(err)
+        out.fail(err)
     except OSError as err:
         if err.errno not in _DISK_ERRNOS:
             raise  # anything else is our bug: keep the traceback
-        _fail(TLError(f"{err.filename or 'a file'}: {err.strerror}"))
+        out.fail(TLError(f"{err.filename or 'a file'}: {err.strerror}"))
 
 
-def _reporter():
-    from tlcli.progress import RichReporter
+def _split_args(args: Optional[list[str]]) -> tuple[list[str], tuple[str, ...]]:
+    """Positional words, and the KEY=VALUE overrides among them."""
+    args = args or []
+    return [a for a in args if not _OVERRIDE.match(a)], tuple(a for a in args if _OVERRIDE.match(a))
 
-    return RichReporter()
+
+def _load(recipe: Path, overrides: Optional[list[str]], out: Out):
+    from tlcli.recipe import load_recipe
+
+    loaded = load_recipe(recipe, _checked_overrides(overrides))
+    for warning in loaded.warnings():
+        out.warn(warning)
+    return loaded
 
 
-@app.command()
-def validate(recipe: RecipeArg) -> None:
+def _checked_overrides(overrides: Optional[list[str]]) -> tuple[str, ...]:
+    words, found = _split_args(overrides)
+    if words:
+        raise TLError(f"'{words[0]}': expected KEY=VALUE (a recipe override such as fine_tune.lr=0.01)")
+    return found
+
+
+@app.command(epilog=_example("tl validate recipes/quickstart.yaml",
+                             "tl validate recipes/quickstart.yaml fine_tune.lr=0.01 --print"))
+def validate(
+    recipe: RecipeArg,
+    overrides: Overrides = None,
+    show: Annotated[bool, typer.Option("--print", metavar=FLAG, help="Print the resolved recipe, defaults filled in.")] = False,
+) -> None:
     """Check a recipe: its schema, then every layer name against the model's graph."""
-    with _user_errors():
+    out = Out()
+    with _user_errors(out):
         from tlcli.inspect import validate_recipe
+        from tlcli.recipe import dump_recipe
 
-        validate_recipe(recipe)
-    typer.echo(f"{recipe}: ok")
+        loaded = _load(recipe, overrides, out)
+        validate_recipe(loaded)
+    if show:
+        typer.echo(dump_recipe(loaded), nl=False)
+    else:
+        typer.echo(f"{recipe}: ok")
 
 
-@app.command()
+@app.command(epilog=_example("tl inspect recipes/quickstart.yaml", "tl inspect recipes/digits-two-stage.yaml --stage 2"))
 def inspect(
     recipe: RecipeArg,
+    overrides: Overrides = None,
     stage: Annotated[Optional[int], typer.Option(help="Show this stage's freeze (1-based; default the first).")] = None,
 ) -> None:
     """The model after surgery, node by node: op, output shape, parameters, frozen or trainable, the frontier."""
-    with _user_errors():
+    out = Out()
+    with _user_errors(out):
         from tlcli.inspect import inspect_recipe
 
-        rows, summary = inspect_recipe(recipe, stage)
+        rows, summary = inspect_recipe(_load(recipe, overrides, out), stage)
     from rich.console import Console
     from rich.table import Table
 
@@ -114,75 +203,215 @@ def inspect(
     )
 
 
-@app.command()
+@app.command(epilog=_example("tl featurize recipes/quickstart.yaml", "tl featurize recipes/quickstart.yaml --json | jq .caches"))
 def featurize(
     recipe: RecipeArg,
-    force: Annotated[bool, typer.Option("--force", help="Rebuild the cache even when a complete one exists.")] = False,
+    overrides: Overrides = None,
+    force: Annotated[bool, typer.Option("--force", metavar=FLAG, help="Rebuild the cache even when a complete one exists.")] = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Run the frozen part once per split and cache its activations on disk."""
-    with _user_errors():
+    out = Out(as_json, quiet)
+    with _user_errors(out):
         from tlcli.features import featurize_recipe
-        from tlcli.recipe import load_recipe
 
-        caches = featurize_recipe(load_recipe(recipe), _reporter(), force=force)
+        caches = featurize_recipe(_load(recipe, overrides, out), out.reporter(), force=force)
     if not caches:
-        typer.echo("no stage trains from the feature cache (every stage trains on images); nothing to do")
+        out.text("no stage trains from the feature cache (every stage trains on images); nothing to do")
     for cache in caches:
         counts = ", ".join(f"{s} {cache.count(s)}" for s in cache.manifest["splits"])
-        typer.echo(f"cache {cache.key}: {counts} -> {cache.path}")
+        out.text(f"cache {cache.key}: {counts} -> {cache.path}")
+    out.result({"ok": True, "caches": [{"key": c.key, "path": str(c.path),
+                                         "rows": {s: c.count(s) for s in c.manifest["splits"]}} for c in caches]})
 
 
-@app.command()
+@app.command(epilog=_example("tl fit recipes/quickstart.yaml",
+                             "tl fit recipes/quickstart.yaml fine_tune.epochs=20 output_dir=runs/longer --force",
+                             "tl fit recipes/quickstart.yaml --resume"))
 def fit(
     recipe: RecipeArg,
-    force: Annotated[bool, typer.Option("--force", help="Start over, overwriting a finished or interrupted run.")] = False,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its last epoch.")] = False,
+    overrides: Overrides = None,
+    force: Annotated[bool, typer.Option("--force", metavar=FLAG, help="Start over, overwriting a finished or interrupted run.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", metavar=FLAG, help="Continue an interrupted run from its last epoch.")] = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Train the recipe's stages: on the feature cache (featurizing first if needed) or on raw images."""
+    out = Out(as_json, quiet)
     if force and resume:
-        typer.echo("error: --force starts over and --resume continues; give one", err=True)
-        raise typer.Exit(code=2)
-    with _user_errors():
-        from tlcli.recipe import load_recipe
+        out.fail(TLError("--force starts over and --resume continues; give one"), EXIT_USAGE)
+    with _user_errors(out):
+        from tlcli.rundir import remember_last_run
         from tlcli.train import fit as run_fit
 
-        result = run_fit(load_recipe(recipe), _reporter(), force=force, resume=resume)
+        result = run_fit(_load(recipe, overrides, out), out.reporter(), force=force, resume=resume)
+        remember_last_run(result.run_dir)
     if result.skipped:
-        typer.echo(f"warning: skipped {len(result.skipped)} unreadable image(s) (data.on_bad_image: skip); "
-                   f"listed in {result.run_dir}/checkpoint.json", err=True)
+        out.warn(f"skipped {len(result.skipped)} unreadable image(s) (data.on_bad_image: skip); "
+                 f"listed in {result.run_dir}/checkpoint.json")
     final = result.final
     val = f", val_acc {final['val_acc']:.4f}" if "val_acc" in final else ""
     for s in result.stages if len(result.stages) > 1 else []:
         best = f", best epoch {s.best_epoch}" if s.best_epoch else ""
-        typer.echo(f"  {s.name}: {s.epochs_run} epochs on {s.input}, {s.trainable_params:,} trainable parameters{best}")
-    typer.echo(
-        f"fit {result.epochs} epochs in {result.seconds:.1f}s: train_loss {final['train_loss']:.4f}{val} -> {result.run_dir}"
-    )
+        out.text(f"  {s.name}: {s.epochs_run} epochs on {s.input}, {s.trainable_params:,} trainable parameters{best}")
+    kept = f" (kept epoch {final['epoch']}, the best on val)" if result.best_kept else ""
+    out.text(f"fit {result.epochs} epochs in {result.seconds:.1f}s: train_loss {final['train_loss']:.4f}{val}{kept} "
+             f"-> {result.run_dir}")
+    out.result({"ok": True, "run_dir": str(result.run_dir), "epochs": result.epochs, "seconds": round(result.seconds, 3),
+                "final": final, "cache_key": result.cache_key, "skipped": result.skipped,
+                "stages": [s.model_dump() for s in result.stages]})
 
 
-@app.command()
+@app.command(epilog=_example("tl evaluate", "tl evaluate runs/quickstart --min-accuracy 0.9",
+                             "tl evaluate runs/quickstart --data photos/labelled/ --json | jq .accuracy"))
 def evaluate(
-    target: Annotated[Path, typer.Argument(help="A recipe file or a run directory.", show_default=False)],
-    device: Annotated[Optional[str], typer.Option(help="Override the recipe's device (auto, cpu, cuda).")] = None,
+    args: Annotated[Optional[list[str]], typer.Argument(
+        help="A run directory or a recipe (default: the run the last `tl fit` here finished), then KEY=VALUE "
+             "overrides for a recipe.", show_default=False, metavar="TARGET KEY=VALUE")] = None,
+    data: Annotated[Optional[Path], typer.Option(
+        help="Score another image folder (one subfolder per class) instead of the test split.")] = None,
+    min_accuracy: Annotated[Optional[float], typer.Option(
+        help=f"Exit with code {EXIT_BELOW_MIN} when test accuracy is below this (a CI gate).", min=0.0, max=1.0)] = None,
+    device: DeviceOpt = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
-    """Score the full model on the raw test images: accuracy, top-5, per-class P/R/F1, confusion matrix."""
-    with _user_errors():
+    """Score the full model on raw images: accuracy, top-5, per-class P/R/F1, confusion matrix, top losses, report."""
+    out = Out(as_json, quiet)
+    words, overrides = _split_args(args)
+    if len(words) > 1:
+        out.fail(TLError(f"one TARGET, got {len(words)}: {' '.join(words)}"), EXIT_USAGE)
+    with _user_errors(out):
         from tlcli.evaluate import evaluate as run_evaluate
 
-        result = run_evaluate(target, _reporter(), device)
+        result = run_evaluate(Path(words[0]) if words else None, out.reporter(), device, data, overrides)
     m = result.metrics
     for w in result.warnings:
-        typer.echo(f"warning: {w}", err=True)
+        out.warn(w)
     if result.source == "cache":
-        typer.echo("scored from the feature cache's test split (same features as the raw images, computed once)", err=True)
-    topk = next(k for k in m if k.startswith("top"))
-    typer.echo(f"{'class':>12} {'precision':>9} {'recall':>9} {'f1':>9} {'support':>8}")
+        out.text("scored from the feature cache's test split (same features as the raw images, computed once)")
+    out.text(f"{'class':>12} {'precision':>9} {'recall':>9} {'f1':>9} {'support':>8}")
     for name, c in m["per_class"].items():
-        typer.echo(f"{name:>12} {c['precision']:9.4f} {c['recall']:9.4f} {c['f1']:9.4f} {c['support']:8d}")
-    typer.echo(f"test accuracy {m['accuracy']:.4f}  {topk} {m[topk]:.4f}  macro-F1 {m['macro_f1']:.4f}  (n={m['n']})")
-    from tlcli.rundir import EVAL, EVAL_CONFUSION, EVAL_CONFUSION_PLOT, EVAL_METRICS
+        out.text(f"{name:>12} {c['precision']:9.4f} {c['recall']:9.4f} {c['f1']:9.4f} {c['support']:8d}")
+    out.text(f"test accuracy {m['accuracy']:.4f}  top5 {m['top5']:.4f}  macro-F1 {m['macro_f1']:.4f}  (n={m['n']})")
+    out.text(f"wrote {result.out_dir}/: {', '.join(result.written)}")
+    passed = min_accuracy is None or m["accuracy"] >= min_accuracy
+    out.result({"ok": passed, "run_dir": str(result.run_dir), "eval_dir": str(result.out_dir),
+                **({"min_accuracy": min_accuracy, "passed": passed} if min_accuracy is not None else {}),
+                **{k: v for k, v in m.items() if k != "confusion_matrix"}, "confusion_matrix": m["confusion_matrix"]})
+    if not passed:
+        typer.echo(f"error: accuracy {m['accuracy']:.4f} is below --min-accuracy {min_accuracy}", err=True)
+        raise typer.Exit(code=EXIT_BELOW_MIN)
 
-    typer.echo(f"wrote {result.run_dir / EVAL}/{EVAL_METRICS}, {EVAL_CONFUSION}, {EVAL_CONFUSION_PLOT}")
+
+@app.command(epilog=_example("tl predict runs/quickstart photo.jpg more/ 'shots/*.png'",
+                             "tl predict recipes/quickstart.yaml images/ --top-k 3 --json",
+                             "tl predict runs/quickstart images/ --output preds.csv"))
+def predict(
+    target: Annotated[Path, typer.Argument(help="A run directory or a recipe.", show_default=False)],
+    paths: Annotated[list[str], typer.Argument(
+        help="Image files, folders (searched recursively) or globs; KEY=VALUE overrides a recipe.",
+        show_default=False, metavar="PATHS...")],
+    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="How many classes to show per image.")] = 5,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Also write the predictions as CSV here.")] = None,
+    device: DeviceOpt = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Each image's top-k classes with probabilities, through the run's own preprocessing."""
+    out = Out(as_json, quiet)
+    files, overrides = _split_args(paths)
+    if not files:
+        out.fail(TLError("give at least one image file, folder or glob"), EXIT_USAGE)
+    with _user_errors(out):
+        from tlcli.predict import predict as run_predict
+
+        result = run_predict(target, files, top_k, out.reporter(), device, overrides, output)
+    for path in result.skipped:
+        out.warn(f"{path}: could not be decoded; skipped (data.on_bad_image: skip)")
+    if as_json:
+        typer.echo(json.dumps({"ok": True, **result.to_json()}, indent=2))
+    elif not quiet:
+        _prediction_table(result)
+    if output is not None:
+        out.text(f"wrote {output}")
+
+
+def _prediction_table(result: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"predictions of {result.run_dir}")
+    table.add_column("image", overflow="fold")
+    for i in range(1, result.top_k + 1):
+        table.add_column(f"#{i}")
+    for p in result.predictions:
+        table.add_row(p.path, *[f"{c} {prob:.3f}" for c, prob in p.top])
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
+
+
+@app.command(epilog=_example("tl export runs/quickstart --format onnx -o quickstart.onnx",
+                             "tl export runs/quickstart --format torchscript"))
+def export(
+    target: Annotated[Optional[Path], typer.Argument(
+        help="A run directory or a recipe (default: the run the last `tl fit` here finished).", show_default=False)] = None,
+    fmt: Annotated[str, typer.Option("--format", "-f", help="onnx or torchscript.")] = "onnx",
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Where to write (default RUN_DIR/model.onnx|.pt).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """A file that runs without tl: uint8 NCHW images at the input size in, class probabilities out; PATH.json beside it."""
+    out = Out(as_json)
+    with _user_errors(out):
+        from tlcli.export import export as run_export
+        from tlcli.rundir import find_run
+
+        result = run_export(find_run(target).path, fmt, output)
+    out.text(f"wrote {result.path} ({result.format}) and {result.sidecar}")
+    out.result({"ok": True, "path": str(result.path), "sidecar": str(result.sidecar), "format": result.format})
+
+
+@app.command(epilog=_example("tl models", "tl models 'resnet*'", "tl models efficientnet --offline"))
+def models(
+    pattern: Annotated[Optional[str], typer.Argument(help="A name or glob (e.g. 'resnet*'); a plain word matches inside names.")] = None,
+    offline: Annotated[bool, typer.Option("--offline", metavar=FLAG, help="Only models whose pretrained weights are here already.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """What the zoos offer (tl, timm, torchvision), with whether pretrained weights are available offline."""
+    from tlcli.catalog import list_models
+
+    rows = [r for r in list_models(pattern) if r.offline or not offline]
+    if as_json:
+        typer.echo(json.dumps([r.__dict__ for r in rows], indent=2))
+        return
+    for r in rows:
+        typer.echo(f"{r.zoo:<12} {r.model:<48} {'offline' if r.offline else '-':<8} {r.weights}")
+    typer.echo(f"{len(rows)} model(s); offline: pretrained weights are here (or embedded) and need no download", err=True)
+
+
+@recipes_app.callback()
+def recipes_list(ctx: typer.Context) -> None:
+    """List the shipped recipes (`tl recipes`), or copy one (`tl recipes cp NAME DEST`)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from tlcli.catalog import shipped_recipes
+
+    for name, summary in shipped_recipes().items():
+        typer.echo(f"{name:<34} {summary}")
+
+
+@recipes_app.command("cp", epilog=_example("tl recipes cp quickstart my-recipe.yaml"))
+def recipes_cp(
+    name: Annotated[str, typer.Argument(help="A shipped recipe's name (see `tl recipes`).", show_default=False)],
+    dest: Annotated[Path, typer.Argument(help="A file or directory to copy it to.", show_default=False)],
+) -> None:
+    """Copy a shipped recipe, to edit and run."""
+    out = Out()
+    with _user_errors(out):
+        from tlcli.catalog import copy_recipe
+
+        written = copy_recipe(name, dest)
+    typer.echo(f"wrote {written}")
 
 
 def main() -> None:
@@ -190,7 +419,11 @@ def main() -> None:
         app()
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
+    except Exception:  # noqa: BLE001 - anything not a TLError is our bug: show it, with its own code
+        traceback.print_exc()
+        typer.echo("error: this is a bug in tl; please report it with the traceback above", err=True)
+        sys.exit(EXIT_BUG)
 
 
 if __name__ == "__main__":

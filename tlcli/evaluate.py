@@ -1,7 +1,8 @@
 """Evaluate: score the *full* checkpointed model on the raw test images (not the cache).
 
-Writes `eval/metrics.json`, `eval/confusion_matrix.json` and
-`eval/confusion_matrix.png` into the run directory.
+Writes `eval/metrics.json`, `confusion_matrix.json`, `confusion_matrix.png`,
+`top_losses.png` and `report.html` into the run directory (`eval/NAME/` for
+another labelled folder, `--data`).
 """
 
 from __future__ import annotations
@@ -15,81 +16,143 @@ import numpy as np
 import torch
 
 from tlcli.checkpoint import Checkpoint, load_checkpoint
-from tlcli.data import plan_data
+from tlcli.data import labelled_folder, plan_data
 from tlcli.errors import RunError
 from tlcli.features import cache_key, digest_index, key_components, open_cache
 from tlcli.files import write_json_atomic
-from tlcli.pipeline import ImageLoader, decode_threads, decoder_name
-from tlcli.plots import plot_confusion
+from tlcli.pipeline import ImageLoader, decode_threads, decoder_name, load_sized
+from tlcli.plots import plot_confusion, plot_top_losses
+from tlcli.report import write_report
 from tlcli.progress import Reporter
-from tlcli.recipe import load_recipe
-from tlcli.rundir import EVAL_CONFUSION, EVAL_CONFUSION_PLOT, EVAL_METRICS, RunDir
+from tlcli.rundir import EVAL_CONFUSION, EVAL_CONFUSION_PLOT, EVAL_METRICS, EVAL_REPORT, EVAL_TOP_LOSSES, RunDir, find_run
 from tlcli.zoo import resolve_device
 
 
 @dataclass
 class EvalResult:
     run_dir: Path
+    out_dir: Path  # eval/, or eval/NAME/ for another data set
     metrics: dict
     warnings: list[str]
     source: str  # "cache": the test split's cached features through the trainable part; "images"
+    written: list[str]
 
 
-def run_dir_of(target: Path) -> Path:
-    if target.is_dir():
-        return target
-    if target.suffix in (".yaml", ".yml") or target.is_file():
-        return Path(load_recipe(target).output_dir)
-    raise RunError(f"{target}: neither a run directory nor a recipe file")
+@dataclass
+class Scored:
+    """Per test image: the model's logits, the true label, and where the image came from."""
+
+    logits: np.ndarray
+    labels: np.ndarray
+    sources: list
 
 
-def predict(model, pairs, preprocess, batch_size, num_workers, device, reporter,
-            on_bad_image: str = "error") -> tuple[np.ndarray, np.ndarray]:
+def model_logits(model, pairs, preprocess, batch_size, num_workers, device, reporter,
+                 on_bad_image: str = "error", description: str = "evaluate") -> Scored:
+    """The full model's logits on (source, label) pairs, batched through the pipeline that
+    featurize and fit use: the run's own decode, resize and normalisation. With
+    on_bad_image: skip, unreadable files are left out."""
     model.to(device).eval()
     if device.type != "mps":
         model.to(memory_format=torch.channels_last)
     logits, labels = [], []
     batches = ImageLoader(pairs, preprocess, batch_size, device, decode_threads(num_workers, device),
                           on_bad_image=on_bad_image)
-    with reporter.task("evaluate", total=len(pairs), unit="img") as task, torch.inference_mode():
+    with reporter.task(description, total=len(pairs), unit="img") as task, torch.inference_mode():
         for x, y in batches:
             logits.append(model(x).float().cpu())
             labels.append(y)
             task.advance(len(y))
-    return torch.cat(logits).numpy(), torch.cat(labels).numpy()
+    skipped = set(batches.skipped)
+    kept = [source for source, _ in pairs if source not in skipped]
+    if not logits:
+        return Scored(np.zeros((0, 0), np.float32), np.zeros(0, np.int64), [])
+    return Scored(torch.cat(logits).numpy(), torch.cat(labels).numpy(), kept)
 
 
-def evaluate(target: Path, reporter: Reporter = Reporter(), device_spec: str | None = None) -> EvalResult:
-    run = RunDir(run_dir_of(Path(target)))
+def evaluate(target: Optional[Path], reporter: Reporter = Reporter(), device_spec: str | None = None,
+             data: Optional[Path] = None, overrides: tuple[str, ...] = ()) -> EvalResult:
+    """Score a run: on its own test split (eval/), or on another labelled folder (eval/NAME/)."""
+    run = find_run(Path(target) if target is not None else None, overrides)
     ckpt = load_checkpoint(run.path)
     # The run's own resolved recipe defines the data and split it was fit on.
     recipe = run.read_recipe()
     with recipe.located():
+        device = resolve_device(device_spec or recipe.device)
+    warnings: list[str] = []
+    if data is not None:
+        scored = _score_folder(ckpt, Path(data), recipe, device, reporter)
+        source, out = "images", run.eval_dir(_folder_name(Path(data)))
+    else:
+        scored, source = _score_test_split(ckpt, recipe, device, reporter, warnings)
+        out = run.eval_dir()
+    metrics = {**score(scored.logits, scored.labels, ckpt.class_names), "scored_from": source,
+               "data": str(Path(data).resolve()) if data is not None else "test split"}
+    written = _write_eval(out, metrics, scored, ckpt, run)
+    return EvalResult(run.path, out, metrics, warnings, source, written)
+
+
+def _folder_name(folder: Path) -> str:
+    return folder.resolve().name or "data"
+
+
+def _score_folder(ckpt: Checkpoint, folder: Path, recipe, device, reporter) -> Scored:
+    pairs = labelled_folder(folder, ckpt.class_names)
+    return model_logits(ckpt.model, pairs, ckpt.preprocess, recipe.data.batch_size, recipe.data.num_workers, device,
+                        reporter, recipe.data.on_bad_image)
+
+
+def _score_test_split(ckpt: Checkpoint, recipe, device, reporter, warnings: list[str]) -> tuple[Scored, str]:
+    with recipe.located():
         plan = plan_data(recipe.data, digest_index(recipe.cache))
-    warnings = []
     if plan.fingerprint() != ckpt.meta.data_fingerprint:
         warnings.append("the data set has changed since this run was fit; scoring the current test split")
     if plan.class_names != ckpt.class_names:
-        raise RunError(f"{run}: the data's classes {plan.class_names} differ from the run's {ckpt.class_names}")
-    with recipe.located():
-        device = resolve_device(device_spec or recipe.device)
+        raise RunError(f"the data's classes {plan.class_names} differ from the run's {ckpt.class_names}")
     if plan.kind == "files" and ckpt.meta.decoder not in (None, decoder_name(device)):
         warnings.append(f"this run was fit on JPEGs decoded by {ckpt.meta.decoder}; {decoder_name(device)} decodes "
                         "them here (pixels may differ by 1)")
     scored = cached_logits(ckpt, plan, recipe.cache, device)
-    source = "cache" if scored is not None else "images"
-    logits, y = scored if scored is not None else predict(
-        ckpt.model, plan.splits["test"], ckpt.preprocess, recipe.data.batch_size, recipe.data.num_workers, device, reporter,
-        recipe.data.on_bad_image)
-    metrics = {**score(logits, y, ckpt.class_names), "scored_from": source}
-    out = run.eval_dir()
+    if scored is not None:
+        return scored, "cache"
+    return model_logits(ckpt.model, plan.splits["test"], ckpt.preprocess, recipe.data.batch_size,
+                        recipe.data.num_workers, device, reporter, recipe.data.on_bad_image), "images"
+
+
+def _write_eval(out: Path, metrics: dict, scored: Scored, ckpt: Checkpoint, run: RunDir) -> list[str]:
     write_json_atomic(out / EVAL_METRICS, {k: v for k, v in metrics.items() if k != "confusion_matrix"})
     write_json_atomic(out / EVAL_CONFUSION, {"labels": ckpt.class_names, "matrix": metrics["confusion_matrix"]})
     plot_confusion(np.array(metrics["confusion_matrix"]), ckpt.class_names, out / EVAL_CONFUSION_PLOT, metrics["accuracy"])
-    return EvalResult(run.path, metrics, warnings, source)
+    losses = top_losses(scored, ckpt.class_names)
+    plot_top_losses([{**item, "image": _as_seen(item["source"], ckpt.preprocess)} for item in losses], out / EVAL_TOP_LOSSES)
+    write_report(out / EVAL_REPORT, run, metrics, losses, out)
+    return [EVAL_METRICS, EVAL_CONFUSION, EVAL_CONFUSION_PLOT, EVAL_TOP_LOSSES, EVAL_REPORT]
 
 
-def cached_logits(ckpt: Checkpoint, plan, cache_spec, device) -> Optional[tuple[np.ndarray, np.ndarray]]:
+def _as_seen(source, pp) -> np.ndarray:
+    """The image as the model saw it (decoded and resized, before normalising), HWC or HW."""
+    image = load_sized(source, pp)
+    image = image.permute(1, 2, 0).numpy()
+    return image[..., 0] if image.shape[2] == 1 else image
+
+
+def top_losses(scored: Scored, class_names: list[str], k: int = 16) -> list[dict]:
+    """The k test images the model got most confidently wrong (highest cross-entropy among
+    the misclassified), as fastai's `plot_top_losses` shows them."""
+    if not len(scored.labels):
+        return []
+    logits = torch.from_numpy(scored.logits).double()
+    labels = torch.from_numpy(scored.labels).long()
+    log_probs = torch.log_softmax(logits, dim=1)
+    loss = -log_probs.gather(1, labels[:, None])[:, 0]
+    pred = logits.argmax(1)
+    wrong = torch.nonzero(pred != labels)[:, 0]
+    order = wrong[torch.argsort(loss[wrong], descending=True, stable=True)][:k]
+    return [{"source": scored.sources[i], "true": class_names[labels[i]], "predicted": class_names[pred[i]],
+             "probability": float(log_probs[i, pred[i]].exp()), "loss": float(loss[i])} for i in order.tolist()]
+
+
+def cached_logits(ckpt: Checkpoint, plan, cache_spec, device) -> Optional[Scored]:
     """The test split's logits from the feature cache, when a float32 cache with this model's key
     exists: its rows are what the frozen part computes on these very images, so the trainable
     part on them gives the full model's output without decoding or running the frozen part."""
@@ -106,21 +169,23 @@ def cached_logits(ckpt: Checkpoint, plan, cache_spec, device) -> Optional[tuple[
         for frontier, y in cache.iterate("test"):
             logits.append(trainable(*[f.to(device) for f in frontier]).float().cpu())
             labels.append(y)
-    return torch.cat(logits).numpy(), torch.cat(labels).numpy()
+    # The cache holds the test split's rows in the plan's order.
+    return Scored(torch.cat(logits).numpy(), torch.cat(labels).numpy(), [s for s, _ in plan.splits["test"]])
 
 
 def score(logits: np.ndarray, y: np.ndarray, class_names: list[str]) -> dict:
     from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
     pred = logits.argmax(1)
-    k = min(5, logits.shape[1])
-    topk = np.argsort(-logits, axis=1)[:, :k]
+    # The key is always top5, so that scripts can rely on it; with 5 classes or fewer,
+    # every label is among the top five and top5 is 1.0 by definition.
+    topk = np.argsort(-logits, axis=1)[:, :5]
     labels = list(range(len(class_names)))
     p, r, f, s = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
     return {
         "n": int(len(y)),
         "accuracy": float((pred == y).mean()),
-        f"top{k}": float((topk == y[:, None]).any(1).mean()),
+        "top5": float((topk == y[:, None]).any(1).mean()),
         "per_class": {
             name: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
             for i, name in enumerate(class_names)

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from tlcli.build import Prepared, prepare
-from tlcli.data import DataPlan, plan_data
+from tlcli.data import DataPlan, plan_data, size_hint
 from tlcli.files import atomic_write, file_lock, tensors_bytes, write_json_atomic
 from tlcli.pipeline import ImageLoader, decode_threads, decoder_name
 from tlcli.progress import Reporter
@@ -302,6 +302,9 @@ def featurize_recipe(recipe: Recipe, reporter: Reporter = Reporter(), force: boo
         prepared = prepare(recipe, plan.class_names)
         device = resolve_device(recipe.device)
         stages = recipe.stage_plan()
+        hint = size_hint(plan, prepared.preprocess.size)
+        if hint:
+            reporter.info(f"hint: {hint}")
         return [featurize(prepared.for_stage(stage), plan, device, recipe.cache, recipe.data, reporter, force=force,
                           splits=splits_read_by(stage, stages))
                 for stage in stages if stage.input == "cache"]

@@ -6,29 +6,30 @@ shapes from a one-image dry run. Neither command reads weights or data."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Union
 
 from tlcli.build import prepare
 from tlcli.data import class_names_for
 from tlcli.errors import TLError
 from tlcli.graph import format_shape
-from tlcli.recipe import load_recipe
+from tlcli.recipe import Recipe, load_recipe
 from tlcli.zoo import resolve_device
 
 
-def validate_recipe(path: Path) -> None:
+def validate_recipe(recipe: Union[Recipe, Path]) -> None:
     """Schema, then every name in every operation and stage against the model's
     graph. The architecture is built without pretrained weights or data."""
-    recipe = load_recipe(path)
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     with recipe.located():
         resolve_device(recipe.device)
         prepare(recipe, class_names_for(recipe.data), weights=False)
 
 
-def inspect_recipe(path: Path, stage: int | None = None) -> tuple[list[dict], dict]:
-    recipe = load_recipe(path)
+def inspect_recipe(recipe: Union[Recipe, Path], stage: int | None = None) -> tuple[list[dict], dict]:
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     stages = recipe.stage_plan()
     if stage is not None and not 1 <= stage <= len(stages):
-        raise TLError(f"{path}: --stage {stage}: the recipe has {len(stages)} stage(s)")
+        raise TLError(f"{recipe.source.name}: --stage {stage}: the recipe has {len(stages)} stage(s)")
     chosen = stages[(stage or 1) - 1]
     with recipe.located():
         prepared = prepare(recipe, class_names_for(recipe.data), chosen, weights=False)

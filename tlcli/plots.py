@@ -1,4 +1,4 @@
-"""The pictures a run leaves: training curves and the confusion matrix (matplotlib, headless)."""
+"""The pictures a run leaves: training curves, the confusion matrix and the top losses (matplotlib, headless)."""
 
 from __future__ import annotations
 
@@ -28,11 +28,15 @@ def plot_curves(rows: list[dict], out: Path) -> None:
     if "val_loss" in rows[0]:
         ax_loss.plot(x, [r["val_loss"] for r in rows], label="val")
         ax_acc.plot(x, [r["val_acc"] for r in rows], label="val")
-    for i in range(1, len(rows)):
-        if rows[i].get("stage") != rows[i - 1].get("stage"):
-            for ax in (ax_loss, ax_acc):
+    starts = [i for i in range(len(rows)) if i == 0 or rows[i].get("stage") != rows[i - 1].get("stage")]
+    for i in starts if len(starts) > 1 else []:
+        for ax in (ax_loss, ax_acc):
+            if i:
                 ax.axvline(x[i] - 0.5, color="grey", linestyle="--", linewidth=0.8)
-                ax.text(x[i] - 0.4, ax.get_ylim()[1], rows[i]["stage"], va="top", fontsize=8, color="grey")
+            # Inside the axes, on a white box, at the top: readable over the curves, never clipped.
+            ax.annotate(rows[i]["stage"], xy=(x[i] - 0.5 if i else x[0], 0.97), xycoords=("data", "axes fraction"),
+                        xytext=(4, 0), textcoords="offset points", va="top", ha="left", fontsize=10,
+                        bbox={"boxstyle": "round,pad=0.2", "facecolor": "white", "edgecolor": "grey", "alpha": 0.9})
     for ax, title in ((ax_loss, "loss"), (ax_acc, "accuracy")):
         ax.set_xlabel("epoch")
         ax.set_title(title)
@@ -52,5 +56,32 @@ def plot_confusion(matrix: np.ndarray, class_names: list[str], out: Path, accura
     ConfusionMatrixDisplay(matrix, display_labels=class_names).plot(ax=ax, cmap="Blues", colorbar=False)
     ax.set_title(f"test accuracy {accuracy:.4f}")
     fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def plot_top_losses(items: list[dict], out: Path, columns: int = 4) -> None:
+    """The most confidently wrong images, each titled true / predicted (probability) / loss,
+    as fastai's `plot_top_losses`. `items` carry `image`: HWC or HW, uint8 or [0, 1] float."""
+    plt = _pyplot()
+    if not items:
+        fig, ax = plt.subplots(figsize=(6, 1.5))
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no test image was misclassified", ha="center", va="center", fontsize=12)
+        fig.savefig(out, dpi=100)
+        plt.close(fig)
+        return
+    rows = (len(items) + columns - 1) // columns
+    # constrained layout makes room for each three-line title and the suptitle; tight_layout overlapped them.
+    fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.6 * rows + 0.4), squeeze=False, layout="constrained")
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, item in zip(axes.flat, items):
+        image = item["image"]
+        ax.imshow(image, cmap="gray" if image.ndim == 2 else None, interpolation="nearest",
+                  vmin=0, vmax=255 if image.dtype == np.uint8 else 1)
+        ax.set_title(f"true {item['true']}\npred {item['predicted']} ({item['probability']:.2f})\n"
+                     f"loss {item['loss']:.2f}", fontsize=10)
+    fig.suptitle("top losses: most confidently wrong test images", fontsize=12)
     fig.savefig(out, dpi=100)
     plt.close(fig)

@@ -1,13 +1,16 @@
 """Progress reporting, injected into the engine so that it never prints itself.
 
 The engine calls `reporter.task(...)` and `reporter.info(...)`; the CLI passes
-a `RichReporter`, tests use the silent `Reporter`.
+a `RichReporter` on a terminal, a `LineReporter` in logs (CI, pipes), and the
+silent `Reporter` for `--quiet`; tests use the silent one.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional
+import sys
+import time
+from typing import Iterator, Optional, TextIO
 
 
 class Task:
@@ -62,3 +65,47 @@ class RichReporter(Reporter):
 
     def info(self, message: str) -> None:
         self.console.print(message, highlight=False)
+
+
+class _LineTask(Task):
+    """A few whole lines per task (at each quarter, and at the end), never cut to a width."""
+
+    MILESTONES = (0.25, 0.5, 0.75)
+
+    def __init__(self, description: str, total: Optional[int], unit: str, stream: TextIO):
+        self.description, self.total, self.unit, self.stream = description, total, unit, stream
+        self.done, self.status, self.started = 0, "", time.perf_counter()
+        self.next_milestone = 0
+
+    def advance(self, n: int = 1, **fields) -> None:
+        self.done += n
+        self.status = fields.get("status", self.status)
+        if not self.total:
+            return
+        while self.next_milestone < len(self.MILESTONES) and self.done >= self.MILESTONES[self.next_milestone] * self.total:
+            self.next_milestone += 1
+            if self.done < self.total:
+                self.line()
+
+    def line(self) -> None:
+        elapsed = time.perf_counter() - self.started
+        of = f"/{self.total}" if self.total else ""
+        rate = f"  {self.done / elapsed:.1f} {self.unit}/s" if elapsed > 0 and self.done else ""
+        status = f"  {self.status}" if self.status else ""
+        print(f"{self.description}: {self.done}{of} {self.unit}{rate}  {elapsed:.1f}s{status}", file=self.stream, flush=True)
+
+
+class LineReporter(Reporter):
+    """For logs without a terminal: plain lines on stderr."""
+
+    def __init__(self, stream: TextIO = sys.stderr):
+        self.stream = stream
+
+    @contextlib.contextmanager
+    def task(self, description: str, total: Optional[int], unit: str = "it") -> Iterator[Task]:
+        task = _LineTask(description, total, unit, self.stream)
+        yield task
+        task.line()
+
+    def info(self, message: str) -> None:
+        print(message, file=self.stream, flush=True)

@@ -15,7 +15,7 @@ import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Sequence, Union
 
 import yaml
 from pydantic import (
@@ -192,6 +192,14 @@ class FreezeSpec(Strict):
     until: Optional[Union[str, list[str]]] = None
     all_but_last: Optional[int] = Field(default=None, ge=0)
     trainable: list[str] = []
+
+    @model_validator(mode="before")
+    @classmethod
+    def _none(cls, value: Any) -> Any:
+        # `freeze: none` says in the recipe what an absent freeze means: the whole network trains.
+        if value == "none":
+            return {}
+        return value
 
     @model_validator(mode="after")
     def _one_boundary(self) -> "FreezeSpec":
@@ -519,6 +527,31 @@ class Recipe(Strict):
         except SpecError as err:
             raise self.locate(err) from None
 
+    def warnings(self) -> list[str]:
+        """What validates but is likely not what the user meant, each at its line."""
+        found = []
+        first_freeze = self.stages[0].freeze if self.stages else None
+        if self.base.checkpoint is None and "freeze" not in self.model_fields_set and first_freeze is None:
+            found.append(str(self.problem(("freeze",), "not given: the whole network trains, end to end. "
+                                          "Write 'freeze: none' to say so, or 'freeze: {until: NODE}' to train "
+                                          "only what follows NODE ('tl inspect' lists the nodes)")))
+        return found
+
+    def anchored(self, cwd: Optional[Path] = None) -> "Recipe":
+        """The recipe with every path made absolute (against `cwd`, default the working
+        directory), as saved into a run: evaluate and resume then work from anywhere."""
+        cwd = Path.cwd() if cwd is None else cwd
+
+        def absolute(value: Optional[str]) -> Optional[str]:
+            return None if value is None else str((cwd / Path(value).expanduser()).resolve())
+
+        data = self.data.model_copy(update={"imagefolder": absolute(self.data.imagefolder)})
+        base = self.base.model_copy(update={"checkpoint": absolute(self.base.checkpoint)})
+        if base.weights is not None and base.weights.file is not None:
+            base = base.model_copy(update={"weights": base.weights.model_copy(update={"file": absolute(base.weights.file)})})
+        cache = self.cache.model_copy(update={"dir": absolute(self.cache.dir)})
+        return self.model_copy(update={"data": data, "base": base, "cache": cache, "output_dir": absolute(self.output_dir)})
+
     def stage_plan(self) -> list[Stage]:
         """The stages with defaults filled in. Without `stages:`, one stage made
         of the recipe's own freeze, fine_tune and augment."""
@@ -546,9 +579,11 @@ class Recipe(Strict):
 class RecipeSource:
     """The recipe file and its YAML node tree, to turn a dotted path into a line."""
 
-    def __init__(self, name: str, root: Optional[yaml.Node]):
+    def __init__(self, name: str, root: Optional[yaml.Node], overrides: Optional[dict[tuple, str]] = None):
         self.name = name
         self.root = root
+        # Paths set on the command line (KEY=VALUE): their problems name the override, not a line.
+        self.overrides = overrides or {}
 
     def line_of(self, loc: tuple) -> Optional[int]:
         node = self.root
@@ -569,11 +604,16 @@ class RecipeSource:
         return line
 
     def problem(self, loc: tuple, message: str) -> Problem:
-        return Problem(self.name, self.line_of(loc), ".".join(str(p) for p in loc), message)
+        dotted = ".".join(str(p) for p in loc)
+        for path, key in self.overrides.items():
+            if tuple(str(p) for p in loc[: len(path)]) == tuple(str(p) for p in path):
+                return Problem(f"override {key}", None, dotted if len(loc) > len(path) else "", message)
+        return Problem(self.name, self.line_of(loc), dotted, message)
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Read, parse and validate a recipe; raise `TLError`/`RecipeError` for the user."""
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+    """Read, parse and validate a recipe, with `KEY=VALUE` overrides applied; raise
+    `TLError`/`RecipeError` for the user."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -581,7 +621,7 @@ def load_recipe(path: str | Path) -> Recipe:
         raise TLError(f"{path}: recipe file not found") from None
     except (IsADirectoryError, PermissionError, UnicodeDecodeError) as err:
         raise TLError(f"{path}: cannot read recipe: {err}") from None
-    return parse_recipe(text, name=str(path))
+    return parse_recipe(text, name=str(path), overrides=overrides)
 
 
 # A recipe is a page of YAML. These bounds refuse, quickly and in one line, a file
@@ -635,7 +675,7 @@ def _duplicate_keys(node: yaml.MappingNode, name: str) -> list[Problem]:
     return problems
 
 
-def parse_recipe(text: str, name: str = "recipe.yaml") -> Recipe:
+def parse_recipe(text: str, name: str = "recipe.yaml", overrides: Sequence[str] = ()) -> Recipe:
     if len(text.encode("utf-8", "surrogatepass")) > MAX_RECIPE_BYTES:
         raise RecipeError([Problem(name, None, "", f"the recipe file is over {MAX_RECIPE_BYTES // 1024} KiB; "
                                                    "refusing to read it")])
@@ -655,9 +695,9 @@ def parse_recipe(text: str, name: str = "recipe.yaml") -> Recipe:
         position = getattr(err, "position", None)
         line = text[:position].count("\n") + 1 if isinstance(position, int) else None
         raise RecipeError([Problem(name, line, "", f"YAML error: {str(err).splitlines()[0]}")]) from None
-    source = RecipeSource(name, root)
     if not isinstance(data, dict):
         raise RecipeError([Problem(name, 1, "", "a recipe is a YAML mapping with base, data, output_dir, ...")])
+    source = RecipeSource(name, root, apply_overrides(data, overrides))
     base = data.get("base")
     # zoo, model and weights are required unless base is a checkpoint; pydantic
     # can't say so per key, so check the raw mapping (alongside its errors).
@@ -770,3 +810,49 @@ def _literal_choices(loc: tuple) -> list[str]:
 def dump_recipe(recipe: Recipe) -> str:
     """The fully resolved recipe (defaults filled in), as saved into a run directory."""
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+
+
+def apply_overrides(data: dict, overrides: Sequence[str]) -> dict[tuple, str]:
+    """Set `a.b.c=VALUE` overrides (torchtune/Hydra style) into the parsed recipe, in order.
+
+    A VALUE parses as YAML (`0.01`, `true`, `[a, b]`, `null`); a number in the key indexes
+    a list (`stages.1.fine_tune.lr=1e-4`). Returns each path set, with the key as written,
+    so that a problem there names the override. Malformed overrides are all reported at once."""
+    problems, paths = [], {}
+    for item in overrides:
+        key, eq, value = item.partition("=")
+        parts = tuple(int(p) if p.isdigit() else p for p in key.strip().split("."))
+        if not eq or not all(str(p) for p in parts):
+            problems.append(Problem(f"override {item}", None, "", "expected KEY=VALUE with a dotted KEY, e.g. fine_tune.lr=0.01"))
+            continue
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError as err:
+            problems.append(Problem(f"override {key}", None, "", f"VALUE is not YAML: {str(err).splitlines()[0]}"))
+            continue
+        error = _set_path(data, parts, parsed)
+        if error:
+            problems.append(Problem(f"override {key}", None, "", error))
+        paths[parts] = key.strip()
+    if problems:
+        raise RecipeError(problems)
+    return paths
+
+
+def _set_path(data: Any, parts: tuple, value: Any) -> Optional[str]:
+    node = data
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        where = ".".join(map(str, parts[:i])) or "the recipe"
+        if isinstance(node, list):
+            if not isinstance(part, int) or part >= len(node):
+                return f"{where} is a list of {len(node)}; index it with 0..{len(node) - 1}"
+        elif not isinstance(node, dict):
+            return f"{where} is {node!r}, not a section with keys"
+        if last:
+            node[part] = value
+        else:
+            if isinstance(node, dict) and node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+    return None

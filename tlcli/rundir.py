@@ -44,6 +44,10 @@ EVAL = "eval"
 EVAL_METRICS = "metrics.json"
 EVAL_CONFUSION = "confusion_matrix.json"
 EVAL_CONFUSION_PLOT = "confusion_matrix.png"
+EVAL_TOP_LOSSES = "top_losses.png"
+EVAL_REPORT = "report.html"
+# In the working directory: which run the last `tl fit` here finished, for a bare `tl evaluate`.
+LAST_RUN = Path(".tl") / "last-run.json"
 # What `fit --force` may delete: only what tl itself writes into a run directory.
 OWNED = (MARKER, RECIPE, METRICS, TIMINGS, CURVES, WEIGHTS, CHECKPOINT, RESUME, EVAL)
 
@@ -306,10 +310,39 @@ class RunDir:
     def weights(self) -> dict:
         return _load_safetensors(self.path / WEIGHTS)
 
-    def eval_dir(self) -> Path:
-        d = self.path / EVAL
-        d.mkdir(exist_ok=True)
+    def eval_dir(self, name: Optional[str] = None) -> Path:
+        """eval/ for the run's own test split; eval/NAME/ for another data set."""
+        d = self.path / EVAL / name if name else self.path / EVAL
+        d.mkdir(parents=True, exist_ok=True)
         return d
+
+
+def remember_last_run(run_dir: Path, cwd: Optional[Path] = None) -> None:
+    path = (cwd or Path.cwd()) / LAST_RUN
+    path.parent.mkdir(exist_ok=True)
+    write_json_atomic(path, {"run_dir": str(Path(run_dir).resolve())})
+
+
+def find_run(target: Optional[Path], overrides: tuple[str, ...] = ()) -> RunDir:
+    """A run directory from a run directory, a recipe (its output_dir, after overrides),
+    or nothing: the run that the last `tl fit` in this directory finished."""
+    if target is None:
+        if not LAST_RUN.is_file():
+            raise RunError("no run given, and no `tl fit` has finished in this directory; "
+                           "give a run directory or a recipe")
+        try:
+            return RunDir(json.loads(LAST_RUN.read_text())["run_dir"])
+        except (ValueError, KeyError, TypeError):
+            raise RunError(f"{LAST_RUN}: damaged; give a run directory or a recipe") from None
+    if target.is_dir():
+        if overrides:
+            raise RunError(f"{target}: KEY=VALUE overrides apply to a recipe, not to a run directory")
+        return RunDir(target)
+    if target.suffix in (".yaml", ".yml") or target.is_file():
+        from tlcli.recipe import load_recipe
+
+        return RunDir(load_recipe(target, overrides).output_dir)
+    raise RunError(f"{target}: neither a run directory nor a recipe file")
 
 
 def _load_safetensors(path: Path) -> dict:

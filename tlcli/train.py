@@ -30,7 +30,7 @@ from torch import nn
 
 from tlcli.build import Prepared, prepare
 from tlcli.checkpoint import save_checkpoint
-from tlcli.data import DataPlan, plan_data
+from tlcli.data import DataPlan, plan_data, size_hint
 from tlcli.errors import RunError, SpecError
 from tlcli.features import FeatureCache, digest_index, featurize, hash_tensors, read_lock, splits_read_by
 from tlcli.files import file_lock
@@ -55,6 +55,7 @@ class FitResult:
     seconds: float
     stages: list[StageSummary] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # undecodable files left out (data.on_bad_image: skip)
+    best_kept: bool = False  # early stopping kept an earlier epoch's weights; `final` is that epoch's row
 
 
 class FitHooks:
@@ -481,12 +482,9 @@ def _save_resume(ctx: FitContext, state: ResumeState, sr: StageRun, es: EarlySto
 
 
 def _saved_recipe(recipe: Recipe) -> str:
-    """The resolved recipe as stored in the run. A checkpoint base is made
-    absolute, so the run can be evaluated and resumed from anywhere."""
-    if recipe.base.checkpoint is not None:
-        base = recipe.base.model_copy(update={"checkpoint": str(Path(recipe.base.checkpoint).expanduser().resolve())})
-        recipe = recipe.model_copy(update={"base": base})
-    return dump_recipe(recipe)
+    """The resolved recipe as stored in the run, every path absolute, so that the run
+    can be evaluated and resumed from any directory."""
+    return dump_recipe(recipe.anchored())
 
 
 def _check_output_dir(recipe: Recipe) -> None:
@@ -521,6 +519,9 @@ def fit(recipe: Recipe, reporter: Reporter = Reporter(), force: bool = False, re
         plan = plan_data(recipe.data, digest_index(recipe.cache))
         prepared = prepare(recipe, plan.class_names)
         _check_plan(stages, plan)
+    hint = size_hint(plan, prepared.preprocess.size)
+    if hint:
+        reporter.info(f"hint: {hint}")
     ctx = FitContext(run, prepared, plan, recipe.data, recipe.cache, device, reporter, hooks, stages)
     with run.exclusive():
         # Again under the lock: another fit may have finished or started in between.
@@ -546,9 +547,21 @@ def _fit_locked(ctx: FitContext, recipe: Recipe, recipe_text: str, state: Option
         cache_key=cache_key, data_fingerprint=plan.fingerprint(), stages=summaries, decoder=decoder_name(ctx.device),
         skipped_images=sorted(ctx.skipped), frozen_modules=final.frozen_modules, frozen_attrs=final.frozen_attrs,
     ))
-    plot_curves(run.metrics(), run / CURVES)
+    rows = run.metrics()
+    plot_curves(rows, run / CURVES)
     epochs = sum(s.epochs_run for s in summaries)
-    return FitResult(run.path, epochs, last_row, cache_key, time.perf_counter() - started, summaries, sorted(ctx.skipped))
+    final, best_kept = _kept_row(rows, summaries[-1], last_row)
+    return FitResult(run.path, epochs, final, cache_key, time.perf_counter() - started, summaries, sorted(ctx.skipped),
+                     best_kept)
+
+
+def _kept_row(rows: list[dict], last: StageSummary, last_row: dict) -> tuple[dict, bool]:
+    """The metrics of the model that was kept: the best epoch's under early stopping, else the last."""
+    if last.best_epoch and last.best_epoch != last.epochs_run:
+        for row in rows:
+            if row.get("stage") == last.name and row.get("epoch") == last.best_epoch:
+                return row, True
+    return (last_row or (rows[-1] if rows else {})), False
 
 
 def _pin_frozen(ctx: FitContext, stages: list[Stage]) -> None:

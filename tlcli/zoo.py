@@ -259,11 +259,41 @@ def _build_timm(base: BaseSpec, load_weights: bool) -> ZooModel:
     if w.file:
         if load_weights:
             load_file_weights(model, w.file, w.sha256)
+    elif w.name == "pretrained":
+        if load_weights:
+            model = timm_pretrained(model, base.model)
+        return ZooModel(model, preprocess, imagenet_class_names() if model.num_classes == 1000 else None)
     elif not w.is_random:
-        raise WeightsError(
-            f"weights '{w.name}' for a timm model: use 'embedded' (tf_efficientnet_lite0), 'none' or {{file: PATH}}"
-        )
+        raise WeightsError(f"weights '{w.name}' for a timm model: use 'pretrained' (from the Hugging Face hub), "
+                           "'embedded' (tf_efficientnet_lite0), 'none' or {file: PATH}")
     return ZooModel(model, preprocess, None)
+
+
+def timm_hub_file(model: nn.Module) -> tuple[Optional[str], str]:
+    """(Hugging Face repo, file) that timm downloads a model's pretrained weights from."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return cfg.get("hf_hub_id"), cfg.get("hf_hub_filename") or "model.safetensors"
+
+
+def timm_pretrained(model: nn.Module, name: str) -> nn.Module:
+    """The model with timm's pretrained weights, through timm's own loader (its per-model
+    checkpoint filters included): the hub cache first (HF_HOME, HF_HUB_CACHE), then a
+    download from HF_ENDPOINT. Offline, the error names the repo and file to place."""
+    import timm
+
+    repo, filename = timm_hub_file(model)
+    if repo is None and not (getattr(model, "pretrained_cfg", None) or {}).get("url"):
+        raise WeightsError(f"timm has no pretrained weights for {name}; use weights: none or {{file: PATH}}")
+    try:
+        return timm.create_model(name, pretrained=True).eval()
+    except Exception as err:  # noqa: BLE001 - network, hub and file errors all mean "not here"
+        where = (f"the Hugging Face hub repo {repo}, file {filename}" if repo else
+                 f"{model.pretrained_cfg.get('url')}")
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise WeightsError(
+            f"cannot load pretrained weights for timm model {name} from {where} ({reason[:300]}). Offline: on a "
+            f"machine online run `hf download {repo or '...'} {filename}` and copy its Hugging Face cache "
+            "(HF_HOME) here, or download the file and use weights: {file: PATH}") from None
 
 
 def _build_torchvision(base: BaseSpec, load_weights: bool) -> ZooModel:

@@ -1,0 +1,110 @@
+"""Catalogues: the zoos' models (with what is usable offline) and the recipes that ship with tl."""
+
+from __future__ import annotations
+
+import fnmatch
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from tlcli.errors import TLError, did_you_mean
+
+
+@dataclass
+class ModelRow:
+    zoo: str
+    model: str
+    weights: str  # what to write under base.weights
+    offline: bool  # pretrained weights are embedded or already in a local cache
+
+
+def _matches(name: str, pattern: Optional[str]) -> bool:
+    if not pattern:
+        return True
+    glob = pattern if any(c in pattern for c in "*?[") else f"*{pattern}*"
+    return fnmatch.fnmatch(name.lower(), glob.lower())
+
+
+def list_models(pattern: Optional[str] = None) -> list[ModelRow]:
+    return [*_tl_models(pattern), *_timm_models(pattern), *_torchvision_models(pattern)]
+
+
+def _tl_models(pattern: Optional[str]) -> list[ModelRow]:
+    from tlcli.models import TL_MODELS
+
+    # tl's own small models have no pretrained weights: nothing to download, ever.
+    return [ModelRow("tl", name, "none", True) for name in sorted(TL_MODELS) if _matches(name, pattern)]
+
+
+def _timm_models(pattern: Optional[str]) -> list[ModelRow]:
+    import timm
+    from huggingface_hub import try_to_load_from_cache
+    from timm.models import get_pretrained_cfg
+
+    from tlcli.zoo import EMBEDDED_ARCH
+
+    rows = []
+    if _matches(EMBEDDED_ARCH, pattern):
+        rows.append(ModelRow("timm", EMBEDDED_ARCH, "embedded", True))
+    for name in timm.list_models(pretrained=True):
+        if not _matches(name, pattern):
+            continue
+        cfg = get_pretrained_cfg(name)
+        repo = getattr(cfg, "hf_hub_id", None)
+        cached = bool(repo) and isinstance(try_to_load_from_cache(repo, getattr(cfg, "hf_hub_filename", None) or
+                                                                  "model.safetensors"), str)
+        rows.append(ModelRow("timm", name, "pretrained", cached))
+    return rows
+
+
+def _torchvision_models(pattern: Optional[str]) -> list[ModelRow]:
+    import torchvision.models
+    from torchvision.models import get_model_weights, list_models as tv_list
+
+    from tlcli.zoo import hub_checkpoint_path
+
+    rows = []
+    for name in tv_list(module=torchvision.models):
+        if not _matches(name, pattern):
+            continue
+        for member in get_model_weights(name):
+            here = hub_checkpoint_path(member.url).is_file()
+            rows.append(ModelRow("torchvision", name, f"{type(member).__name__}.{member.name}", here))
+    return rows
+
+
+# --------------------------------------------------------------------------- recipes
+
+
+def _recipe_dir() -> Path:
+    """The shipped recipes: `recipes/` of the checkout tl is installed from (`make install`
+    installs it editable, which is the supported install)."""
+    checkout = Path(__file__).resolve().parent.parent / "recipes"
+    if not checkout.is_dir():
+        raise TLError(f"{checkout}: the shipped recipes are not here; tl is installed from a checkout (make install)")
+    return checkout
+
+
+def shipped_recipes() -> dict[str, str]:
+    """name -> its first comment line after the command line (what the recipe is for)."""
+    found = {}
+    for path in sorted(_recipe_dir().glob("*.yaml")):
+        comments = [line.lstrip("# ").strip() for line in path.read_text(encoding="utf-8").splitlines()
+                    if line.startswith("#")]
+        about = next((c for c in comments[1:] if c), "")
+        found[path.stem] = about
+    return found
+
+
+def copy_recipe(name: str, dest: Path) -> Path:
+    names = list(shipped_recipes())
+    stem = name[:-5] if name.endswith(".yaml") else name
+    if stem not in names:
+        raise TLError(f"no shipped recipe '{name}'{did_you_mean(stem, names)}; `tl recipes` lists them")
+    target = dest / f"{stem}.yaml" if dest.is_dir() else dest
+    if target.exists():
+        raise TLError(f"{target}: already exists; refusing to overwrite it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(_recipe_dir() / f"{stem}.yaml", target)
+    return target

@@ -1,0 +1,78 @@
+"""Predict: a trained run's top-k classes for image files, folders or globs.
+
+The images go through `evaluate.model_logits`, the pipeline that featurize,
+fit and evaluate use, so that predict sees exactly what training saw.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from tlcli.checkpoint import load_checkpoint
+from tlcli.data import image_files
+from tlcli.evaluate import model_logits
+from tlcli.files import write_text_atomic
+from tlcli.progress import Reporter
+from tlcli.rundir import find_run
+from tlcli.zoo import resolve_device
+
+
+@dataclass
+class Prediction:
+    path: str
+    top: list[tuple[str, float]]  # (class, probability), most probable first
+
+
+@dataclass
+class PredictResult:
+    run_dir: Path
+    top_k: int
+    predictions: list[Prediction]
+    skipped: list[str]  # files that could not be decoded (data.on_bad_image: skip)
+
+    def to_json(self) -> dict:
+        return {"run_dir": str(self.run_dir), "top_k": self.top_k, "skipped": self.skipped,
+                "predictions": [{"path": p.path, "top": [{"class": c, "probability": prob} for c, prob in p.top]}
+                                for p in self.predictions]}
+
+    def to_csv(self) -> str:
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(["path"] + [f"{kind}_{i}" for i in range(1, self.top_k + 1) for kind in ("class", "probability")])
+        for p in self.predictions:
+            writer.writerow([p.path] + [v for c, prob in p.top for v in (c, f"{prob:.6f}")])
+        return buffer.getvalue()
+
+
+def predict(target: Optional[Path], patterns: list[str], top_k: int = 5, reporter: Reporter = Reporter(),
+            device_spec: Optional[str] = None, overrides: tuple[str, ...] = (),
+            csv_path: Optional[Path] = None) -> PredictResult:
+    run = find_run(Path(target) if target is not None else None, overrides)
+    ckpt = load_checkpoint(run.path)
+    recipe = run.read_recipe()
+    files = image_files(patterns)
+    with recipe.located():
+        device = resolve_device(device_spec or recipe.device)
+    # Labels are file indices: they say which file each row is, even when some are skipped.
+    pairs = [(path, i) for i, path in enumerate(files)]
+    scored = model_logits(ckpt.model, pairs, ckpt.preprocess, recipe.data.batch_size, recipe.data.num_workers,
+                          device, reporter, recipe.data.on_bad_image, description="predict")
+    k = max(1, min(top_k, len(ckpt.class_names)))
+    predictions = []
+    if len(scored.labels):
+        probs = torch.softmax(torch.from_numpy(scored.logits).double(), dim=1)
+        values, indices = probs.topk(k, dim=1)
+        for row, index in enumerate(scored.labels.tolist()):
+            top = [(ckpt.class_names[c], float(v)) for v, c in zip(values[row].tolist(), indices[row].tolist())]
+            predictions.append(Prediction(files[index], top))
+    kept = {p.path for p in predictions}
+    result = PredictResult(run.path, k, predictions, [f for f in files if f not in kept])
+    if csv_path is not None:
+        write_text_atomic(Path(csv_path), result.to_csv())
+    return result
