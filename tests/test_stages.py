@@ -188,6 +188,8 @@ def test_early_stopping_keeps_the_best_epoch(tmp_path):
     assert meta["stages"][0]["best_epoch"] == best + 1
     assert len(rows) == best + 1 + 2 < 12  # stopped after `patience` epochs without improvement
     assert meta["stages"][0]["epochs_run"] == len(rows) == result.epochs  # epochs run, not one more
+    # What fit reports is the kept (best) epoch's row, not the last one's.
+    assert result.best_kept and result.final == rows[best] and result.final != rows[-1]
     # The saved model is the best epoch's: its val loss is the best one.
     from tlcli.train import cached_batches, run_epoch, StageModel
     from tlcli.features import featurize

@@ -21,6 +21,13 @@ def plot_curves(rows: list[dict], out: Path) -> None:
     if not rows:
         return
     plt = _pyplot()
+    fig = curves_figure(rows)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def curves_figure(rows: list[dict]):
+    plt = _pyplot()
     x = list(range(1, len(rows) + 1))
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     ax_loss.plot(x, [r["train_loss"] for r in rows], label="train")
@@ -34,8 +41,12 @@ def plot_curves(rows: list[dict], out: Path) -> None:
             if i:
                 ax.axvline(x[i] - 0.5, color="grey", linestyle="--", linewidth=0.8)
             # Inside the axes, on a white box, at the top: readable over the curves, never clipped.
-            ax.annotate(rows[i]["stage"], xy=(x[i] - 0.5 if i else x[0], 0.97), xycoords=("data", "axes fraction"),
-                        xytext=(4, 0), textcoords="offset points", va="top", ha="left", fontsize=10,
+            # A stage that starts in the last quarter is labelled left of its line, so the label stays inside.
+            right = i and x[i] > x[0] + 0.75 * (x[-1] - x[0])
+            label = f"{rows[i]['stage']} →" if right else rows[i]["stage"]
+            ax.annotate(label, xy=(x[i] - 0.5 if i else x[0], 0.97), xycoords=("data", "axes fraction"),
+                        xytext=(-4 if right else 4, 0), textcoords="offset points", va="top",
+                        ha="right" if right else "left", fontsize=10,
                         bbox={"boxstyle": "round,pad=0.2", "facecolor": "white", "edgecolor": "grey", "alpha": 0.9})
     for ax, title in ((ax_loss, "loss"), (ax_acc, "accuracy")):
         ax.set_xlabel("epoch")
@@ -43,8 +54,7 @@ def plot_curves(rows: list[dict], out: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    return fig
 
 
 def plot_confusion(matrix: np.ndarray, class_names: list[str], out: Path, accuracy: float) -> None:

@@ -98,8 +98,13 @@ class _LineTask(Task):
 class LineReporter(Reporter):
     """For logs without a terminal: plain lines on stderr."""
 
-    def __init__(self, stream: TextIO = sys.stderr):
-        self.stream = stream
+    def __init__(self, stream: Optional[TextIO] = None):
+        # sys.stderr is looked up at use, not at import: test runners and CLIs swap it.
+        self._stream = stream
+
+    @property
+    def stream(self) -> TextIO:
+        return self._stream or sys.stderr
 
     @contextlib.contextmanager
     def task(self, description: str, total: Optional[int], unit: str = "it") -> Iterator[Task]:

@@ -711,7 +711,7 @@ def parse_recipe(text: str, name: str = "recipe.yaml", overrides: Sequence[str] 
         recipe = Recipe.model_validate(data)
     except ValidationError as err:
         problems = _problems(err, source) + missing
-        problems.sort(key=lambda p: (p.line or 0, p.path))
+        problems.sort(key=_reading_order)
         raise RecipeError(problems) from None
     if missing:
         raise RecipeError(missing)
@@ -760,8 +760,13 @@ def _problems(err: ValidationError, source: RecipeSource) -> list[Problem]:
         else:
             message = e["msg"]
         problems.append(source.problem(loc, message))
-    problems.sort(key=lambda p: (p.line or 0, p.path))
+    problems.sort(key=_reading_order)
     return problems
+
+
+def _reading_order(problem: Problem) -> tuple:
+    """The file's problems by line, then the command line's overrides."""
+    return (problem.line is None, problem.line or 0, problem.path)
 
 
 def _annotation_at(loc: tuple) -> Any:

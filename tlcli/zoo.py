@@ -284,16 +284,50 @@ def timm_pretrained(model: nn.Module, name: str) -> nn.Module:
     repo, filename = timm_hub_file(model)
     if repo is None and not (getattr(model, "pretrained_cfg", None) or {}).get("url"):
         raise WeightsError(f"timm has no pretrained weights for {name}; use weights: none or {{file: PATH}}")
+    if repo is not None and not _in_hub_cache(repo, filename):
+        unreachable = _unreachable_hub()
+        if unreachable:
+            raise WeightsError(f"cannot download pretrained weights for timm model {name}: {unreachable}. "
+                               + _place_hint(repo, filename))
     try:
         return timm.create_model(name, pretrained=True).eval()
     except Exception as err:  # noqa: BLE001 - network, hub and file errors all mean "not here"
         where = (f"the Hugging Face hub repo {repo}, file {filename}" if repo else
                  f"{model.pretrained_cfg.get('url')}")
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise WeightsError(
-            f"cannot load pretrained weights for timm model {name} from {where} ({reason[:300]}). Offline: on a "
-            f"machine online run `hf download {repo or '...'} {filename}` and copy its Hugging Face cache "
-            "(HF_HOME) here, or download the file and use weights: {file: PATH}") from None
+        raise WeightsError(f"cannot load pretrained weights for timm model {name} from {where} ({reason[:300]}). "
+                           + _place_hint(repo, filename)) from None
+
+
+def _place_hint(repo: Optional[str], filename: str) -> str:
+    return (f"Offline: place {filename} of the Hugging Face hub repo {repo} in the hub cache (on a machine online, "
+            f"`hf download {repo} {filename}`, then copy its HF_HOME here), or download the file and use "
+            "weights: {file: PATH}")
+
+
+def _in_hub_cache(repo: str, filename: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo, filename), str)
+
+
+def _unreachable_hub(timeout: float = 5.0) -> Optional[str]:
+    """Why the hub cannot be reached, or None. Checked once up front: huggingface_hub retries a
+    refused connection five times with backoff, which is ~50 s of waiting before the same error."""
+    import socket
+    import urllib.parse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set and the file is not in the hub cache"
+    url = urllib.parse.urlsplit(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+    except OSError as err:
+        return f"{constants.ENDPOINT} is not reachable ({err.strerror or err})"
+    return None
 
 
 def _build_torchvision(base: BaseSpec, load_weights: bool) -> ZooModel:
