@@ -62,28 +62,42 @@ def _example(*lines: str) -> str:
 
 
 class Out:
-    """Where each kind of output goes, under --json and --quiet."""
+    """Where each kind of output goes, under --json and --quiet. Under torchrun, rank 0 speaks
+    for the run; the other ranks print only their own tagged lines and errors."""
 
     def __init__(self, as_json: bool = False, quiet: bool = False):
+        from tlcli.distributed import current
+
         self.as_json, self.quiet = as_json, quiet
+        self.dist = current()
 
     def text(self, line: str = "") -> None:
-        if not self.quiet:
+        if not self.quiet and self.dist.main:
             typer.echo(line, err=self.as_json)
 
     def warn(self, line: str) -> None:
-        typer.echo(f"warning: {line}", err=True)
+        if self.dist.main:
+            typer.echo(f"warning: {line}", err=True)
 
     def result(self, obj: dict) -> None:
-        if self.as_json:
+        if self.as_json and self.dist.main:
             typer.echo(json.dumps(obj, indent=2, default=str))
 
     def reporter(self):
-        from tlcli.progress import LineReporter, Reporter, RichReporter
+        from tlcli.progress import LineReporter, RankReporter, Reporter, RichReporter
 
         if self.quiet:
             return Reporter()
+        if not self.dist.main:
+            return RankReporter(str(self.dist))
         return RichReporter() if sys.stderr.isatty() else LineReporter()
+
+    def on_rank_0_only(self, verb: str) -> bool:
+        """Under torchrun, `verb` runs on rank 0; True (after saying so) on the other ranks."""
+        if self.dist.main:
+            return False
+        typer.echo(f"{self.dist}: {verb} runs on rank 0", err=True)
+        return True
 
     def fail(self, err: TLError, code: int = EXIT_ERROR) -> None:
         lines = str(err).splitlines()
@@ -124,6 +138,29 @@ def _user_errors(out: Out):
         if err.errno not in _DISK_ERRNOS:
             raise  # anything else is our bug: keep the traceback
         out.fail(TLError(f"{err.filename or 'a file'}: {err.strerror}"))
+
+
+@contextlib.contextmanager
+def _session():
+    from tlcli.distributed import session
+
+    with session():
+        yield
+
+
+def _relaunch_under_torchrun(nproc: int, out: Out) -> None:
+    """`tl fit --nproc N`: the same command line, run by torchrun on N local processes."""
+    import os
+
+    if out.dist.enabled:
+        out.fail(TLError("--nproc: already running under torchrun (WORLD_SIZE is set)"), EXIT_USAGE)
+    argv = [a for a in sys.argv[1:] if not a.startswith("--nproc")]
+    if "--nproc" in sys.argv[1:]:  # the value given as a separate word
+        i = sys.argv.index("--nproc")
+        argv = [a for j, a in enumerate(sys.argv[1:], 1) if j not in (i, i + 1)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "tlcli", *argv]
+    os.execv(sys.executable, command)
 
 
 def _split_args(args: Optional[list[str]]) -> tuple[list[str], tuple[str, ...]]:
@@ -213,7 +250,7 @@ def featurize(
 ) -> None:
     """Run the frozen part once per split and cache its activations on disk."""
     out = Out(as_json, quiet)
-    with _user_errors(out):
+    with _user_errors(out), _session():
         from tlcli.features import featurize_recipe
 
         caches = featurize_recipe(_load(recipe, overrides, out), out.reporter(), force=force)
@@ -228,12 +265,16 @@ def featurize(
 
 @app.command(epilog=_example("tl fit recipes/quickstart.yaml",
                              "tl fit recipes/quickstart.yaml fine_tune.epochs=20 output_dir=runs/longer --force",
-                             "tl fit recipes/quickstart.yaml --resume"))
+                             "tl fit recipes/quickstart.yaml --resume",
+                             "tl fit recipes/digits-two-stage.yaml --nproc 2",
+                             "torchrun --nproc_per_node 8 -m tlcli fit recipe.yaml"))
 def fit(
     recipe: RecipeArg,
     overrides: Overrides = None,
     force: Annotated[bool, typer.Option("--force", metavar=FLAG, help="Start over, overwriting a finished or interrupted run.")] = False,
     resume: Annotated[bool, typer.Option("--resume", metavar=FLAG, help="Continue an interrupted run from its last epoch.")] = False,
+    nproc: Annotated[int, typer.Option("--nproc", min=1, help="Run under torchrun with this many processes on this machine "
+                                       "(one per GPU; gloo on the CPU).")] = 1,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -241,12 +282,15 @@ def fit(
     out = Out(as_json, quiet)
     if force and resume:
         out.fail(TLError("--force starts over and --resume continues; give one"), EXIT_USAGE)
-    with _user_errors(out):
+    if nproc > 1:
+        _relaunch_under_torchrun(nproc, out)
+    with _user_errors(out), _session():
         from tlcli.rundir import remember_last_run
         from tlcli.train import fit as run_fit
 
         result = run_fit(_load(recipe, overrides, out), out.reporter(), force=force, resume=resume)
-        remember_last_run(result.run_dir)
+        if out.dist.main:
+            remember_last_run(result.run_dir)
     if result.skipped:
         out.warn(f"skipped {len(result.skipped)} unreadable image(s) (data.on_bad_image: skip); "
                  f"listed in {result.run_dir}/checkpoint.json")
@@ -279,6 +323,8 @@ def evaluate(
 ) -> None:
     """Score the full model on raw images: accuracy, top-5, per-class P/R/F1, confusion matrix, top losses, report."""
     out = Out(as_json, quiet)
+    if out.on_rank_0_only("evaluate"):
+        return
     words, overrides = _split_args(args)
     if len(words) > 1:
         out.fail(TLError(f"one TARGET, got {len(words)}: {' '.join(words)}"), EXIT_USAGE)
@@ -321,6 +367,8 @@ def predict(
 ) -> None:
     """Each image's top-k classes with probabilities, through the run's own preprocessing."""
     out = Out(as_json, quiet)
+    if out.on_rank_0_only("predict"):
+        return
     files, overrides = _split_args(paths)
     if not files:
         out.fail(TLError("give at least one image file, folder or glob"), EXIT_USAGE)
@@ -362,6 +410,8 @@ def export(
 ) -> None:
     """A file that runs without tl: uint8 NCHW images at the input size in, class probabilities out; PATH.json beside it."""
     out = Out(as_json)
+    if out.on_rank_0_only("export"):
+        return
     with _user_errors(out):
         from tlcli.export import export as run_export
         from tlcli.rundir import find_run

@@ -215,6 +215,8 @@ def plan_imagefolder(spec: DataSpec, root: Path) -> DataPlan:
 def size_hint(plan: DataPlan, input_size: int) -> Optional[str]:
     """A hint when the images are far smaller than the model's input: upscaling 8-px digits
     to 224 px costs ~20x the compute of 112 px, and scored lower there."""
+    if input_size < 96:
+        return None  # small inputs are cheap already
     sides = _typical_sides(plan)
     if not sides:
         return None

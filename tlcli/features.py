@@ -9,8 +9,10 @@ determines the features; nothing keyed on mtimes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -21,6 +23,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 from safetensors.torch import load_file
 
+from tlcli import distributed
 from tlcli.build import Prepared, prepare
 from tlcli.data import DataPlan, plan_data, size_hint
 from tlcli.files import atomic_write, file_lock, tensors_bytes, write_json_atomic
@@ -130,37 +133,49 @@ def open_cache(path: Path) -> Optional[FeatureCache]:
 
 
 class ShardWriter:
-    """Buffers one split's frontier rows and writes a shard every `shard_size` rows."""
+    """Writes one split's rows as shards, one per *unit*: `unit_batches` consecutive batches of
+    the split (about `cache.shard_size` rows). Units are numbered over the whole split and name
+    the files, so that ranks that each write every world-th unit produce, together, the files
+    a single process writes."""
 
-    def __init__(self, directory: Path, split: str, shard_size: int):
-        self.directory, self.split, self.shard_size = directory, split, shard_size
+    def __init__(self, directory: Path, split: str, unit_batches: int, units: list[int]):
+        self.directory, self.split, self.unit_batches, self.units = directory, split, unit_batches, units
         self.shards: list[dict] = []
         self.count = 0
+        self._unit: Optional[int] = None
         self._outs: list[list[torch.Tensor]] = []
         self._labels: list[torch.Tensor] = []
-        self._rows = 0
 
-    def add(self, outs: list[torch.Tensor], labels: torch.Tensor) -> None:
+    def add(self, outs: list[torch.Tensor], labels: torch.Tensor, batch: int) -> None:
+        """`batch`: the batch's index among this writer's batches (skipped batches count)."""
+        unit = self.units[batch // self.unit_batches]
+        if unit != self._unit:
+            self.flush()
+            self._unit = unit
         self._outs.append(outs)
         self._labels.append(labels.to(torch.int64))
-        self._rows += len(labels)
         self.count += len(labels)
-        if self._rows >= self.shard_size:
-            self.flush()
 
     def flush(self) -> None:
-        if not self._rows:
+        if not self._outs:
             return
         tensors = {f"frontier_{i}": torch.cat([b[i] for b in self._outs]).contiguous() for i in range(len(self._outs[0]))}
         tensors["labels"] = torch.cat(self._labels)
-        name = f"{self.split}-{len(self.shards):05d}.safetensors"
+        name = f"{self.split}-{self._unit:05d}.safetensors"
         atomic_write(self.directory / name, tensors_bytes(tensors))
-        self.shards.append({"file": name, "rows": self._rows, "bytes": (self.directory / name).stat().st_size})
-        self._outs, self._labels, self._rows = [], [], 0
+        self.shards.append({"unit": self._unit, "file": name, "rows": len(tensors["labels"]),
+                            "bytes": (self.directory / name).stat().st_size})
+        self._outs, self._labels = [], []
 
-    def summary(self) -> dict:
+    def summary(self) -> list[dict]:
         self.flush()
-        return {"count": self.count, "shards": self.shards}
+        return self.shards
+
+
+def split_units(n_pairs: int, batch_size: int, shard_size: int) -> tuple[int, int]:
+    """(batches per unit, number of units): a unit is whole batches, at least `shard_size` rows."""
+    unit_batches = max(1, math.ceil(shard_size / batch_size))
+    return unit_batches, math.ceil(n_pairs / (unit_batches * batch_size))
 
 
 class _Extractor:
@@ -198,31 +213,68 @@ def featurize(
     components = key_components(prepared, plan, extractor, cache.dtype, decoder_name(device), splits)
     key = cache_key(components)
     final = Path(cache.dir).expanduser() / key
+    dist = distributed.current()
     # One builder per key: a second featurizer waits here, then finds the cache complete.
-    with file_lock(_build_lock(final)):
-        existing = open_cache(final)
-        if existing is not None and not force:
-            reporter.info(f"feature cache hit: {final}")
-            return existing
-        _remove_dead_partials(final)
-        tmp = final.with_name(f"{key}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+    # Under torchrun, rank 0 decides and owns the directory; every rank writes its units.
+    with file_lock(_build_lock(final)) if dist.main else contextlib.nullcontext():
+        tmp = distributed.broadcast(_start_build(final, key, force) if dist.main else None, "starting the cache")
+        if tmp is None:
+            if dist.main:
+                reporter.info(f"feature cache hit: {final}")
+            return _opened(final)
+        tmp = Path(tmp)
         try:
             threads = decode_threads(data.num_workers, device)
-            manifest = _write_splits(prepared, plan, splits, _Extractor(extractor, device, cache.dtype), tmp, cache, data,
-                                     threads, reporter)
-            manifest.update(key=key, components=components)
-            # The manifest is written last: its presence is what marks a cache complete.
-            write_json_atomic(tmp / MANIFEST, manifest)
+            part = _write_splits(prepared, plan, splits, _Extractor(extractor, device, cache.dtype), tmp, cache, data,
+                                 threads, reporter)
+            if dist.enabled:
+                reporter.info(f"{dist}: {sum(s['rows'] for shards in part['splits'].values() for s in shards)} rows")
+            parts = distributed.gather(part, "gathering the cache's shards")
+            if dist.main:
+                # The manifest is written last: its presence is what marks a cache complete.
+                write_json_atomic(tmp / MANIFEST, {**_manifest(parts, plan, splits), "key": key, "components": components})
+                _swap_in(tmp, final, reporter)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)  # a kill -9 skips this; the next run removes it (pid gone)
+            if dist.main:
+                shutil.rmtree(tmp, ignore_errors=True)  # a kill -9 skips this; the next run removes it (pid gone)
             raise
-        _swap_in(tmp, final, reporter)
-    reporter.info(f"feature cache written: {final}")
+    distributed.barrier("waiting for the cache to be in place")
+    if dist.main:
+        reporter.info(f"feature cache written: {final}")
+    return _opened(final)
+
+
+def _start_build(final: Path, key: str, force: bool) -> Optional[str]:
+    """None when a complete cache is there (and not forced); else a fresh build directory."""
+    if open_cache(final) is not None and not force:
+        return None
+    _remove_dead_partials(final)
+    tmp = final.with_name(f"{key}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return str(tmp)
+
+
+def _opened(final: Path) -> FeatureCache:
     written = open_cache(final)
-    assert written is not None, "a cache just written must open"
+    assert written is not None, "a cache just written (or found complete) must open"
     return written
+
+
+def _manifest(parts: list[dict], plan: DataPlan, splits: list[str]) -> dict:
+    """The ranks' shards, merged into the single-process manifest: shards in unit order."""
+    frontier = next((p["frontier"] for p in parts if p["frontier"]), [])
+    manifest = {"format": CACHE_FORMAT, "frontier": frontier, "class_names": plan.class_names, "splits": {}}
+    for split in splits:
+        shards = sorted((s for p in parts for s in p["splits"][split]), key=lambda s: s["unit"])
+        manifest["splits"][split] = {"count": sum(s["rows"] for s in shards),
+                                     "shards": [{k: v for k, v in s.items() if k != "unit"} for s in shards]}
+    position = {str(source): i for split in splits for i, (source, _) in enumerate(plan.splits[split])}
+    skipped = sorted({path for p in parts for path in p["skipped"]}, key=lambda path: position.get(path, -1))
+    if skipped:
+        manifest["skipped"] = skipped
+    manifest["seconds"] = max(p["seconds"] for p in parts)
+    return manifest
 
 
 def _build_lock(final: Path) -> Path:
@@ -251,28 +303,32 @@ def _swap_in(tmp: Path, final: Path, reporter: Reporter) -> None:
 
 def _write_splits(prepared: Prepared, plan: DataPlan, splits: list[str], extract: _Extractor, tmp: Path,
                   cache: CacheSpec, data: DataSpec, threads: int, reporter: Reporter) -> dict:
-    """Every split through the frozen part into shards; the manifest's content, less its key."""
-    manifest = {"format": CACHE_FORMAT, "frontier": [], "class_names": plan.class_names, "splits": {}}
+    """This rank's units of every split through the frozen part into shards: its part of the manifest."""
+    dist = distributed.current()
+    part: dict = {"frontier": [], "splits": {}, "skipped": []}
     dtype_name = str(extract.store_dtype).removeprefix("torch.")
     started = time.perf_counter()
     for split_name in splits:
         pairs = plan.splits[split_name]
-        writer = ShardWriter(tmp, split_name, cache.shard_size)
-        batches = ImageLoader(pairs, prepared.preprocess, data.batch_size, extract.device, threads,
+        unit_batches, n_units = split_units(len(pairs), data.batch_size, cache.shard_size)
+        rows_per_unit = unit_batches * data.batch_size
+        mine = list(range(dist.rank, n_units, dist.world))
+        my_pairs = [p for u in mine for p in pairs[u * rows_per_unit : (u + 1) * rows_per_unit]]
+        writer = ShardWriter(tmp, split_name, unit_batches, mine)
+        batches = ImageLoader(my_pairs, prepared.preprocess, data.batch_size, extract.device, threads,
                               on_bad_image=data.on_bad_image)
-        with reporter.task(f"featurize {split_name}", total=len(pairs), unit="img") as task, torch.inference_mode():
+        with reporter.task(f"featurize {split_name}", total=len(my_pairs), unit="img") as task, torch.inference_mode():
             for x, y in batches:
                 outs = extract(x)
-                if not manifest["frontier"]:
-                    manifest["frontier"] = [{"name": n, "shape": list(o.shape[1:]), "dtype": dtype_name}
-                                            for n, o in zip(prepared.split.frontier_names, outs)]
-                writer.add(outs, y)
+                if not part["frontier"]:
+                    part["frontier"] = [{"name": n, "shape": list(o.shape[1:]), "dtype": dtype_name}
+                                        for n, o in zip(prepared.split.frontier_names, outs)]
+                writer.add(outs, y, batches.chunk)
                 task.advance(len(y))
-        manifest["splits"][split_name] = writer.summary()
-        if batches.skipped:
-            manifest.setdefault("skipped", []).extend(batches.skipped)
-    manifest["seconds"] = round(time.perf_counter() - started, 3)
-    return manifest
+        part["splits"][split_name] = writer.summary()
+        part["skipped"].extend(batches.skipped)
+    part["seconds"] = round(time.perf_counter() - started, 3)
+    return part
 
 
 def _remove_dead_partials(final: Path) -> None:
@@ -301,9 +357,10 @@ def featurize_recipe(recipe: Recipe, reporter: Reporter = Reporter(), force: boo
         plan = plan_data(recipe.data, digest_index(recipe.cache))
         prepared = prepare(recipe, plan.class_names)
         device = resolve_device(recipe.device)
+        distributed.init(device, recipe.distributed.timeout_s)
         stages = recipe.stage_plan()
         hint = size_hint(plan, prepared.preprocess.size)
-        if hint:
+        if hint and distributed.current().main:
             reporter.info(f"hint: {hint}")
         return [featurize(prepared.for_stage(stage), plan, device, recipe.cache, recipe.data, reporter, force=force,
                           splits=splits_read_by(stage, stages))

@@ -231,29 +231,36 @@ class ImageLoader:
         self.pin = device.type == "cuda"
         self.skip_bad = on_bad_image == "skip"
         self.skipped: list[str] = []  # with on_bad_image: skip, the files left out
+        self.chunk = -1
 
     def __len__(self) -> int:
         return len(self.chunks)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches in order; `self.chunk` is the index of the chunk the last batch came from
+        (a chunk whose images were all skipped yields nothing)."""
         if self.threads == 0:
-            for chunk in self.chunks:
+            for i, chunk in enumerate(self.chunks):
                 batch = self._finish([self._guarded(s) for s, _ in chunk], chunk)
                 if batch is not None:
+                    self.chunk = i
                     yield batch
             return
         with concurrent.futures.ThreadPoolExecutor(self.threads, thread_name_prefix="tl-decode") as pool:
             pending: deque = deque()
-            for chunk in self.chunks:
-                pending.append((chunk, [pool.submit(self._guarded, s) for s, _ in chunk]))
+            for i, chunk in enumerate(self.chunks):
+                pending.append((i, chunk, [pool.submit(self._guarded, s) for s, _ in chunk]))
                 if len(pending) > self.prefetch:
-                    batch = self._finish(*self._gather(pending.popleft()))
-                    if batch is not None:
-                        yield batch
+                    yield from self._ready(pending.popleft())
             while pending:
-                batch = self._finish(*self._gather(pending.popleft()))
-                if batch is not None:
-                    yield batch
+                yield from self._ready(pending.popleft())
+
+    def _ready(self, pending) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        i, chunk, futures = pending
+        batch = self._finish([f.result() for f in futures], chunk)
+        if batch is not None:
+            self.chunk = i
+            yield batch
 
     def _read(self, source: Source) -> torch.Tensor:
         return _read_bytes_or_decode(source, self.pp) if self.decoder == "nvjpeg" else load_sized(source, self.pp)
@@ -266,11 +273,6 @@ class ImageLoader:
             if not self.skip_bad:
                 raise
             return None
-
-    @staticmethod
-    def _gather(pending) -> tuple[list, list]:
-        chunk, futures = pending
-        return [f.result() for f in futures], chunk
 
     def _finish(self, images: list, chunk) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         if self.decoder == "nvjpeg":

@@ -114,3 +114,19 @@ class LineReporter(Reporter):
 
     def info(self, message: str) -> None:
         print(message, file=self.stream, flush=True)
+
+
+class RankReporter(LineReporter):
+    """A rank other than 0 under torchrun: its messages, tagged with the rank; no progress bars
+    (rank 0 draws those, for the whole run)."""
+
+    def __init__(self, tag: str, stream: Optional[TextIO] = None):
+        super().__init__(stream)
+        self.tag = tag
+
+    @contextlib.contextmanager
+    def task(self, description: str, total: Optional[int], unit: str = "it") -> Iterator[Task]:
+        yield Task()
+
+    def info(self, message: str) -> None:
+        super().info(message if message.startswith(self.tag) else f"{self.tag}: {message}")

@@ -475,6 +475,18 @@ class CacheSpec(Strict):
     memory_mib: int = Field(default=2048, ge=0, le=16 * 2**20)
 
 
+class DistributedSpec(Strict):
+    """Only read under torchrun (WORLD_SIZE > 1); a single process ignores it."""
+
+    # Which batch fine_tune.batch_size is: the global batch (split across ranks, so that a run
+    # trains the same with any number of processes), or each rank's (global = it x ranks).
+    batch: Literal["global", "per_rank"] = "global"
+    # Trainable BatchNorm layers compute their statistics over the global batch (CUDA only).
+    sync_batchnorm: bool = False
+    # How long a rank waits in a collective for the others before giving up.
+    timeout_s: int = Field(default=300, ge=10, le=86_400)
+
+
 class Recipe(Strict):
     base: BaseSpec
     data: DataSpec
@@ -486,6 +498,7 @@ class Recipe(Strict):
     augment: Optional[AugmentSpec] = None
     stages: list[StageSpec] = []
     cache: CacheSpec = CacheSpec()
+    distributed: DistributedSpec = DistributedSpec()
     device: str = "auto"
     output_dir: str
 

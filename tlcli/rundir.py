@@ -353,3 +353,33 @@ def _load_safetensors(path: Path) -> dict:
         return load_file(str(path))
     except (OSError, SafetensorError) as err:
         raise RunError(f"{path}: damaged or unreadable ({err}); fit the run again with --force") from None
+
+
+class FollowerRun(RunDir):
+    """The run directory as a rank other than 0 sees it under torchrun: it reads what rank 0
+    writes (the resume state) and writes nothing itself."""
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        yield
+
+    def start(self, recipe_text: str) -> None:
+        pass
+
+    def rewind_logs(self, rows: int) -> None:
+        pass
+
+    @contextlib.contextmanager
+    def epoch_log(self) -> Iterator["EpochLog"]:
+        yield _NoLog()
+
+    def save_resume(self, state: "ResumeState", tensors: dict, objects: dict) -> None:
+        pass
+
+    def save_checkpoint(self, state: dict, meta: "CheckpointMeta") -> None:
+        pass
+
+
+class _NoLog:
+    def write(self, row: dict, seconds: float) -> None:
+        pass

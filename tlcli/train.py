@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tlcli import distributed
 from tlcli.build import Prepared, prepare
 from tlcli.checkpoint import save_checkpoint
 from tlcli.data import DataPlan, plan_data, size_hint
@@ -39,8 +40,9 @@ from tlcli.pipeline import ImageLoader, augmentation, decode_threads, decoder_na
 from tlcli.plots import plot_curves
 from tlcli.probe import L2_WITHOUT_VAL, Probe, choose_l2, lbfgs_epoch, probe_head, standardize
 from tlcli.progress import Reporter
-from tlcli.recipe import CacheSpec, DataSpec, EarlyStopping as EarlyStoppingSpec, FineTuneSpec, Recipe, Stage, dump_recipe
-from tlcli.rundir import CURVES, CheckpointMeta, ResumeState, RunDir, StageSummary
+from tlcli.recipe import (CacheSpec, DataSpec, DistributedSpec, EarlyStopping as EarlyStoppingSpec, FineTuneSpec, Recipe,
+                          Stage, dump_recipe)
+from tlcli.rundir import CURVES, CheckpointMeta, FollowerRun, ResumeState, RunDir, StageSummary
 from tlcli.zoo import resolve_device
 
 Batches = Iterator[tuple[list[torch.Tensor], torch.Tensor]]
@@ -133,8 +135,25 @@ class StageModel:
         self.channels_last = on_images and device.type != "mps"
         if self.channels_last:
             self.transfer.to(memory_format=torch.channels_last)
+        self.ddp: Optional[nn.Module] = None
+        self.training = False
+
+    def distribute(self, device: torch.device, sync_batchnorm: bool, stage: Stage) -> None:
+        """Under torchrun: the trainable part in DistributedDataParallel (gradients averaged over
+        ranks). The frozen part is never wrapped: it has no gradients to share."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        if sync_batchnorm:
+            if device.type != "cuda":
+                raise SpecError([(("distributed", "sync_batchnorm"), "SyncBatchNorm runs on CUDA only; "
+                                  "set it to false on the CPU")])
+            # The converted layers share their parameters and buffers with the model's own.
+            self.trainable = nn.SyncBatchNorm.convert_sync_batchnorm(self.trainable)
+        with distributed.collective(f"starting stage {stage.name} under DistributedDataParallel"):
+            self.ddp = DistributedDataParallel(self.trainable, device_ids=[device.index] if device.type == "cuda" else None)
 
     def train(self, mode: bool) -> None:
+        self.training = mode
         self.transfer.train(mode)
         for m in self.norms:
             m.eval()
@@ -146,11 +165,17 @@ class StageModel:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.no_grad():
                 inputs = list(self.extractor(x))
+        # Training steps go through DDP (every rank runs the same number); evaluation does not,
+        # since ranks may hold different numbers of validation batches and DDP's forward is a collective.
+        if self.ddp is not None and self.training:
+            return self.ddp(*inputs)
         return self.trainable(*inputs)
 
 
-def run_epoch(model, batches: Batches, device, optimizer=None, scheduler=None, ft: FineTuneSpec | None = None) -> dict:
-    """One pass: training when an optimizer is given, else evaluation. Mean loss and accuracy."""
+def run_epoch(model, batches: Batches, device, optimizer=None, scheduler=None, ft: FineTuneSpec | None = None,
+              over_ranks: bool = False) -> dict:
+    """One pass: training when an optimizer is given, else evaluation. Mean loss and accuracy
+    (`over_ranks`: of every rank's batches together, under torchrun)."""
     training = optimizer is not None
     smoothing = ft.label_smoothing if ft and training else 0.0
     clip = ft.grad_clip if ft and training else None
@@ -175,6 +200,9 @@ def run_epoch(model, batches: Batches, device, optimizer=None, scheduler=None, f
             total_loss += loss.item() * len(labels)
             correct += (logits.argmax(1) == labels).sum().item()
             seen += len(labels)
+    if over_ranks:
+        total_loss, correct, seen = distributed.sum_over_ranks([total_loss, correct, seen], device)
+        correct, seen = int(correct), int(seen)
     return {"loss": total_loss / max(seen, 1), "acc": correct / max(seen, 1), "n": seen}
 
 
@@ -236,6 +264,7 @@ class FitContext:
     # is rebuilt from the recipe and pinned by `frozen_hash`.
     trained: set[str] = field(default_factory=set)
     frozen_hash: Optional[str] = None
+    distributed: DistributedSpec = field(default_factory=DistributedSpec)
 
     def trained_state(self) -> dict[str, torch.Tensor]:
         # clone(): safetensors refuses tensors that share storage (tied weights, views).
@@ -259,6 +288,7 @@ class StageRun:
     cache: Optional[FeatureCache]
     probe: Optional[Probe] = None
     train_rows: Optional[CacheRows] = None
+    sharded: bool = False  # under torchrun, an image stage: each rank trains on its share of the batches
 
     @property
     def trainable_params(self) -> int:
@@ -286,6 +316,9 @@ def _setup_stage(ctx: FitContext, stage: Stage) -> StageRun:
     params = [(n, p) for n, p in prepared.model.named_parameters() if p.requires_grad]
     if not params:
         raise SpecError([(stage.freeze_loc, "everything is frozen: there is nothing left to train")])
+    sharded = on_images and distributed.current().enabled
+    if sharded:
+        model.distribute(ctx.device, ctx.distributed.sync_batchnorm, stage)
     if on_images:
         train, val, steps, probe, rows = *_image_inputs(ctx, stage, prepared), None, None
     else:
@@ -295,7 +328,7 @@ def _setup_stage(ctx: FitContext, stage: Stage) -> StageRun:
     scheduler = make_scheduler(ft, optimizer, max(steps, 1))
     has_val = bool(ctx.plan.splits.get("val"))
     return StageRun(stage, ft, prepared, model, params, optimizer, scheduler, train, val if has_val else None, cache,
-                    probe, rows)
+                    probe, rows, sharded)
 
 
 def _resolve_optimizer(stage: Stage, probe_head_name: Optional[str]) -> str:
@@ -309,17 +342,42 @@ def _resolve_optimizer(stage: Stage, probe_head_name: Optional[str]) -> str:
 
 
 def _image_inputs(ctx: FitContext, stage: Stage, prepared: Prepared):
-    ft, splits, pp, dev = stage.fine_tune, ctx.plan.splits, prepared.preprocess, ctx.device
+    splits, pp, dev = ctx.plan.splits, prepared.preprocess, ctx.device
     threads = decode_threads(ctx.data.num_workers, dev)
     augment = augmentation(stage.augment, pp) if stage.augment is not None else None
     bad = ctx.data.on_bad_image
+    dist = distributed.current()
+    batch = rank_batch_size(stage, ctx.distributed, dist.world)
 
     def train(g):
-        order = torch.randperm(len(splits["train"]), generator=g).tolist()
-        return _noting_skips(ctx, ImageLoader(splits["train"], pp, ft.batch_size, dev, threads, augment, order, on_bad_image=bad))
+        order = rank_share(torch.randperm(len(splits["train"]), generator=g).tolist(), dist.rank, dist.world)
+        return _noting_skips(ctx, ImageLoader(splits["train"], pp, batch, dev, threads, augment, order, on_bad_image=bad))
 
-    val = lambda: _noting_skips(ctx, ImageLoader(splits["val"], pp, ctx.data.batch_size, dev, threads, on_bad_image=bad))
-    return train, val, math.ceil(len(splits["train"]) / ft.batch_size)
+    # Validation rows are split across ranks without padding: summed, they are the whole split once.
+    val_pairs = splits.get("val", [])[dist.rank :: dist.world]
+    val = lambda: _noting_skips(ctx, ImageLoader(val_pairs, pp, ctx.data.batch_size, dev, threads, on_bad_image=bad))
+    return train, val, math.ceil(math.ceil(len(splits["train"]) / dist.world) / batch)
+
+
+def rank_batch_size(stage: Stage, spec: DistributedSpec, world: int) -> int:
+    """This rank's batch: fine_tune.batch_size split across ranks (distributed.batch: global), or as is."""
+    batch = stage.fine_tune.batch_size
+    if world == 1 or spec.batch == "per_rank":
+        return batch
+    if batch % world:
+        raise SpecError([(stage.fine_tune_loc("batch_size"), f"the global batch {batch} does not split evenly over "
+                          f"{world} ranks; make it a multiple of {world}, or set distributed.batch: per_rank")])
+    return batch // world
+
+
+def rank_share(order: list[int], rank: int, world: int) -> list[int]:
+    """DistributedSampler's share: the order padded (from its start) to a multiple of the world,
+    then every world-th item from `rank`. Batch k of every rank together is batch k of the
+    single-process order at world x the batch size; every rank runs the same number of steps."""
+    if world == 1:
+        return order
+    padded = order + order[: (-len(order)) % world]
+    return padded[rank::world]
 
 
 def _noting_skips(ctx: FitContext, loader: ImageLoader) -> Batches:
@@ -380,18 +438,20 @@ def _one_epoch(ctx: FitContext, sr: StageRun, epoch: int) -> dict:
     """Train one epoch, then validate; the metrics row."""
     ft = sr.ft
     seed = epoch_seed(ft.seed, sr.stage.index, epoch)
-    torch.manual_seed(seed)  # dropout, augmentation (in-process)
+    # Dropout and augmentation (in-process); under torchrun each rank draws its own, while the
+    # data order (the generator below) is the same on every rank.
+    torch.manual_seed(seed + distributed.current().rank)
     lr = max(g["lr"] for g in sr.optimizer.param_groups)
     if sr.probe is not None:
         train = sr.probe_step(sr.optimizer, sr.probe.l2)
         sr.scheduler.step()
     else:
         train = run_epoch(sr.model, sr.train_batches(torch.Generator().manual_seed(seed)), ctx.device,
-                          sr.optimizer, sr.scheduler, ft)
+                          sr.optimizer, sr.scheduler, ft, over_ranks=sr.sharded)
     ctx.hooks.on_train_epoch_end(sr.stage, epoch, sr.model)
     row = {"stage": sr.stage.name, "epoch": epoch, "train_loss": train["loss"], "train_acc": train["acc"], "lr": lr}
     if sr.val_batches is not None:
-        val = run_epoch(sr.model, sr.val_batches(), ctx.device)
+        val = run_epoch(sr.model, sr.val_batches(), ctx.device, over_ranks=sr.sharded)
         row.update(val_loss=val["loss"], val_acc=val["acc"])
     return row
 
@@ -520,12 +580,19 @@ def fit(recipe: Recipe, reporter: Reporter = Reporter(), force: bool = False, re
         prepared = prepare(recipe, plan.class_names)
         _check_plan(stages, plan)
     hint = size_hint(plan, prepared.preprocess.size)
-    if hint:
+    if hint and distributed.current().main:
         reporter.info(f"hint: {hint}")
-    ctx = FitContext(run, prepared, plan, recipe.data, recipe.cache, device, reporter, hooks, stages)
+    dist = distributed.init(device, recipe.distributed.timeout_s)
+    if not dist.main:
+        run = FollowerRun(run.path)  # under torchrun, rank 0 alone writes the run directory
+    ctx = FitContext(run, prepared, plan, recipe.data, recipe.cache, device, reporter, hooks, stages,
+                     distributed=recipe.distributed)
+    # Every rank has read the directory before rank 0 starts changing it.
+    distributed.barrier("checking the run directory")
     with run.exclusive():
         # Again under the lock: another fit may have finished or started in between.
-        state = run.check_for_fit(recipe_text, force, resume)
+        state = run.check_for_fit(recipe_text, force, resume) if dist.main else None
+        state = distributed.broadcast(state, "reading the resume state")
         return _fit_locked(ctx, recipe, recipe_text, state, started)
 
 
@@ -547,8 +614,10 @@ def _fit_locked(ctx: FitContext, recipe: Recipe, recipe_text: str, state: Option
         cache_key=cache_key, data_fingerprint=plan.fingerprint(), stages=summaries, decoder=decoder_name(ctx.device),
         skipped_images=sorted(ctx.skipped), frozen_modules=final.frozen_modules, frozen_attrs=final.frozen_attrs,
     ))
-    rows = run.metrics()
-    plot_curves(rows, run / CURVES)
+    # Under torchrun only rank 0 has the log; the others report their last row.
+    rows = run.metrics() if distributed.current().main else []
+    if rows:
+        plot_curves(rows, run / CURVES)
     epochs = sum(s.epochs_run for s in summaries)
     final, best_kept = _kept_row(rows, summaries[-1], last_row)
     return FitResult(run.path, epochs, final, cache_key, time.perf_counter() - started, summaries, sorted(ctx.skipped),

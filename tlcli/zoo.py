@@ -381,11 +381,19 @@ def build_base(base: BaseSpec, load_weights: bool = True) -> ZooModel:
 
 
 def resolve_device(spec: str, cuda_available: Optional[bool] = None, mps_available: Optional[bool] = None,
-                   cuda_count: Optional[int] = None) -> torch.device:
+                   cuda_count: Optional[int] = None, local_rank: Optional[int] = None) -> torch.device:
     """`auto` picks CUDA when present, else the CPU. A device that is not there is the
-    recipe's problem, at its `device:` line."""
+    recipe's problem, at its `device:` line. Under torchrun (`local_rank`, read from the
+    environment by default), `auto` and `cuda` mean this rank's GPU, `cuda:LOCAL_RANK`."""
     if cuda_available is None:
         cuda_available = torch.cuda.is_available()
+    if local_rank is None:
+        from tlcli import distributed
+
+        dist = distributed.current()
+        local_rank = dist.local_rank if dist.enabled else None
+    if spec in ("auto", "cuda") and cuda_available and local_rank is not None:
+        spec = f"cuda:{local_rank}"
     if spec == "auto":
         return torch.device("cuda" if cuda_available else "cpu")
     if spec.startswith("cuda"):
