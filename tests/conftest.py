@@ -88,13 +88,15 @@ def make_imagefolder(root: Path, classes=("a", "b", "c"), per_class: int = 12, s
 class LocalServer:
     """An HTTP server on 127.0.0.1 serving one directory; never the internet."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, handler=None):
+        """`handler`: a request handler class of the test's own (default: serve files)."""
         import functools
         import http.server
         import threading
 
-        handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(directory))
-        handler.log_message = lambda *a: None
+        if handler is None:
+            handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(directory))
+            handler.log_message = lambda *a: None
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)

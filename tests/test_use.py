@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from tlcli.errors import RecipeError
 from tlcli.recipe import parse_recipe
 
-from conftest import REPO, make_imagefolder, tiny_recipe, write_recipe
+from conftest import REPO, LocalServer, make_imagefolder, tiny_recipe, write_recipe
 
 GOOD = """\
 base: {zoo: timm, model: tf_efficientnet_lite0, weights: embedded}
@@ -264,14 +264,14 @@ def test_predict_takes_files_folders_and_globs_and_writes_csv(folder_run, tmp_pa
     images = root / "images"
     one = next((images / "b").iterdir())
     code, out, err = tl("predict", run, one, images / "a", str(images / "c" / "*.png"), "-k", "9", "--json",
-                        "-o", tmp_path / "p.csv")
+                        "-o", tmp_path / "new" / "p.csv")
     assert code == 0, err
     report = json.loads(out)
     assert report["top_k"] == 3  # capped at the number of classes
     assert len(report["predictions"]) == 1 + 14 + 14 and report["predictions"][0]["path"] == str(one)
     top = report["predictions"][0]["top"]
     assert sum(t["probability"] for t in top) == pytest.approx(1.0) and top[0]["probability"] >= top[1]["probability"]
-    rows = (tmp_path / "p.csv").read_text().splitlines()
+    rows = (tmp_path / "new" / "p.csv").read_text().splitlines()  # its folder made as needed
     assert rows[0] == "path,class_1,probability_1,class_2,probability_2,class_3,probability_3" and len(rows) == 30
     code, _, err = tl("predict", run, root / "nothing-here*.png")
     assert code == 1 and "no image files there" in err
@@ -456,52 +456,39 @@ print("loaded", len(served))
 """
 
 
-class HubServer:
+def hub_server(root: Path) -> LocalServer:
     """The two requests huggingface_hub makes for a file (HEAD, then GET of
     /REPO/resolve/REVISION/FILE), answered from a folder on 127.0.0.1."""
+    import hashlib
+    import http.server
 
-    def __init__(self, root: Path):
-        import hashlib
-        import http.server
-        import threading
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def _answer(self, body: bool):
-                path = root / self.path.split("?")[0].lstrip("/")
-                if not path.is_file():
-                    self.send_response(404)
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
-                data = path.read_bytes()
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(data)))
-                self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
-                self.send_header("X-Repo-Commit", "0" * 40)
+        def _answer(self, body: bool):
+            path = root / self.path.split("?")[0].lstrip("/")
+            if not path.is_file():
+                self.send_response(404)
+                self.send_header("Content-Length", "0")
                 self.end_headers()
-                if body:
-                    self.wfile.write(data)
+                return
+            data = path.read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
+            self.send_header("X-Repo-Commit", "0" * 40)
+            self.end_headers()
+            if body:
+                self.wfile.write(data)
 
-            def do_HEAD(self):
-                self._answer(False)
+        def do_HEAD(self):
+            self._answer(False)
 
-            def do_GET(self):
-                self._answer(True)
+        def do_GET(self):
+            self._answer(True)
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+    return LocalServer(root, Handler)
 
 
 def _hub_env(tmp_path, endpoint):
@@ -522,7 +509,7 @@ def test_timm_pretrained_weights_come_through_the_hub_from_a_loopback_server(tmp
     repo.mkdir(parents=True)
     save_file(served, repo / "model.safetensors")
     save_file(served, tmp_path / "served.safetensors")
-    with HubServer(tmp_path / "site") as server:
+    with hub_server(tmp_path / "site") as server:
         done = subprocess.run([sys.executable, "-c", HUB_CHECK.format(model=HUB_MODEL), str(tmp_path / "served.safetensors")],
                               env=_hub_env(tmp_path, server.url), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "loaded" in done.stdout, done.stdout + done.stderr

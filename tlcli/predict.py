@@ -74,5 +74,6 @@ def predict(target: Optional[Path], patterns: list[str], top_k: int = 5, reporte
     kept = {p.path for p in predictions}
     result = PredictResult(run.path, k, predictions, [f for f in files if f not in kept])
     if csv_path is not None:
+        Path(csv_path).parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(Path(csv_path), result.to_csv())
     return result
