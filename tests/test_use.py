@@ -547,3 +547,11 @@ def test_stage_labels_on_the_curves_stay_inside_their_plot(switch):
             assert box.x0 <= extent.x0 and extent.x1 <= box.x1 and extent.y1 <= box.y1, t.get_text()
             assert t.get_fontsize() >= 10
     _pyplot().close(fig)
+
+
+def test_a_fit_that_cannot_note_itself_still_succeeds(tmp_path):
+    (tmp_path / ".tl").write_text("in the way")  # where the last run is noted: not a directory
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, fine_tune={"epochs": 1}))
+    code, _, err = tl("fit", path, "-q", cwd=tmp_path)
+    assert code == 0 and "warning: could not note the run" in err and "tl evaluate " in err
+    assert (tmp_path / "run" / "checkpoint.json").is_file()

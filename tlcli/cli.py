@@ -66,10 +66,14 @@ class Out:
     for the run; the other ranks print only their own tagged lines and errors."""
 
     def __init__(self, as_json: bool = False, quiet: bool = False):
-        from tlcli.distributed import current
+        from tlcli.distributed import Dist, current
 
         self.as_json, self.quiet = as_json, quiet
-        self.dist = current()
+        try:
+            self.dist = current()
+        except TLError:
+            self.dist = Dist()  # a malformed torchrun environment is reported by the command itself
+
 
     def text(self, line: str = "") -> None:
         if not self.quiet and self.dist.main:
@@ -289,8 +293,12 @@ def fit(
         from tlcli.train import fit as run_fit
 
         result = run_fit(_load(recipe, overrides, out), out.reporter(), force=force, resume=resume)
-        if out.dist.main:
+    if out.dist.main:
+        try:
             remember_last_run(result.run_dir)
+        except OSError as err:  # the run is fine; only a bare `tl evaluate` here will not find it
+            out.warn(f"could not note the run in {err.filename or '.tl/'} ({err.strerror}); "
+                     f"`tl evaluate` needs its directory: tl evaluate {result.run_dir}")
     if result.skipped:
         out.warn(f"skipped {len(result.skipped)} unreadable image(s) (data.on_bad_image: skip); "
                  f"listed in {result.run_dir}/checkpoint.json")
