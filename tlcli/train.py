@@ -607,6 +607,8 @@ def _fit_locked(ctx: FitContext, recipe: Recipe, recipe_text: str, state: Option
         ctx.reporter.info(f"resuming {run} at stage {state.stage + 1}, after epoch {state.epoch}")
     with recipe.located(), ctx.locks:
         summaries, last_row, cache_key = _fit_stages(ctx, stages, state)
+    # Under torchrun each rank decoded its own share of the images: the run lists every rank's skips.
+    ctx.skipped = set().union(*distributed.gather(sorted(ctx.skipped), "gathering skipped images"))
     final = prepared.for_stage(stages[-1]).transfer_model().to("cpu")
     save_checkpoint(run, final, CheckpointMeta(
         model=recipe.base.describe(), head_layer=prepared.head_layer, class_names=plan.class_names,
