@@ -193,7 +193,9 @@ def head_epochs(work: Path) -> tuple[float, float]:
     hand-written in-memory training epoch of the same head, batch and optimizer."""
     recipe = work / "startup.yaml"
     r = yaml.safe_load(recipe.read_text())
-    r["fine_tune"] = {"epochs": 12, "batch_size": 64, "lr": 0.001}
+    # Adam on both sides: the same optimizer as the hand-written loop (the default, auto, would fit
+    # this lone head with full-batch L-BFGS, which is a different computation).
+    r["fine_tune"] = {"optimizer": "adam", "epochs": 12, "batch_size": 64, "lr": 0.001}
     r["output_dir"] = str(work / "run-head")
     recipe.with_name("head.yaml").write_text(yaml.safe_dump(r, sort_keys=False))
     subprocess.run([PY, "-m", "tlcli", "fit", "--force", str(recipe.with_name("head.yaml"))], check=True,

@@ -555,3 +555,12 @@ def test_a_fit_that_cannot_note_itself_still_succeeds(tmp_path):
     code, _, err = tl("fit", path, "-q", cwd=tmp_path)
     assert code == 0 and "warning: could not note the run" in err and "tl evaluate " in err
     assert (tmp_path / "run" / "checkpoint.json").is_file()
+
+
+def test_predict_on_nothing_decodable_says_so(folder_run, tmp_path):
+    _, recipe, _ = folder_run
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    code, _, err = tl("predict", recipe, tmp_path / "broken.png")
+    assert code == 1 and "broken.png" in err and "Traceback" not in err
+    code, _, err = tl("predict", recipe, tmp_path / "broken.png", "data.on_bad_image=skip")  # an override, on a recipe
+    assert code == 1 and "none of the 1 image(s) could be decoded" in err

@@ -74,7 +74,6 @@ class Out:
         except TLError:
             self.dist = Dist()  # a malformed torchrun environment is reported by the command itself
 
-
     def text(self, line: str = "") -> None:
         if not self.quiet and self.dist.main:
             typer.echo(line, err=self.as_json)
@@ -107,7 +106,7 @@ class Out:
         lines = str(err).splitlines()
         for line in lines:
             typer.echo(f"error: {line}" if not line.startswith(("error", " ")) else line, err=True)
-        if self.as_json:
+        if self.as_json and self.dist.main:
             typer.echo(json.dumps({"ok": False, "exit_code": code, "errors": lines}, indent=2))
         raise typer.Exit(code=code) from None
 

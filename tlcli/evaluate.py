@@ -17,7 +17,7 @@ import torch
 
 from tlcli.checkpoint import Checkpoint, load_checkpoint
 from tlcli.data import labelled_folder, plan_data
-from tlcli.errors import RunError
+from tlcli.errors import DataError, RunError
 from tlcli.features import cache_key, digest_index, key_components, open_cache
 from tlcli.files import write_json_atomic
 from tlcli.pipeline import ImageLoader, decode_threads, decoder_name, load_sized
@@ -66,7 +66,7 @@ def model_logits(model, pairs, preprocess, batch_size, num_workers, device, repo
     skipped = set(batches.skipped)
     kept = [source for source, _ in pairs if source not in skipped]
     if not logits:
-        return Scored(np.zeros((0, 0), np.float32), np.zeros(0, np.int64), [])
+        raise DataError(f"none of the {len(pairs)} image(s) could be decoded (data.on_bad_image: skip left out all of them)")
     return Scored(torch.cat(logits).numpy(), torch.cat(labels).numpy(), kept)
 
 
@@ -76,7 +76,7 @@ def evaluate(target: Optional[Path], reporter: Reporter = Reporter(), device_spe
     run = find_run(Path(target) if target is not None else None, overrides)
     ckpt = load_checkpoint(run.path)
     # The run's own resolved recipe defines the data and split it was fit on.
-    recipe = run.read_recipe()
+    recipe = run.read_recipe(overrides)
     with recipe.located():
         device = resolve_device(device_spec or recipe.device)
     warnings: list[str] = []

@@ -55,7 +55,7 @@ def predict(target: Optional[Path], patterns: list[str], top_k: int = 5, reporte
             csv_path: Optional[Path] = None) -> PredictResult:
     run = find_run(Path(target) if target is not None else None, overrides)
     ckpt = load_checkpoint(run.path)
-    recipe = run.read_recipe()
+    recipe = run.read_recipe(overrides)
     files = image_files(patterns)
     with recipe.located():
         device = resolve_device(device_spec or recipe.device)
@@ -64,13 +64,10 @@ def predict(target: Optional[Path], patterns: list[str], top_k: int = 5, reporte
     scored = model_logits(ckpt.model, pairs, ckpt.preprocess, recipe.data.batch_size, recipe.data.num_workers,
                           device, reporter, recipe.data.on_bad_image, description="predict")
     k = max(1, min(top_k, len(ckpt.class_names)))
-    predictions = []
-    if len(scored.labels):
-        probs = torch.softmax(torch.from_numpy(scored.logits).double(), dim=1)
-        values, indices = probs.topk(k, dim=1)
-        for row, index in enumerate(scored.labels.tolist()):
-            top = [(ckpt.class_names[c], float(v)) for v, c in zip(values[row].tolist(), indices[row].tolist())]
-            predictions.append(Prediction(files[index], top))
+    probs = torch.softmax(torch.from_numpy(scored.logits).double(), dim=1)
+    values, indices = probs.topk(k, dim=1)
+    predictions = [Prediction(files[index], [(ckpt.class_names[c], float(v)) for v, c in zip(vs, cs)])
+                   for index, vs, cs in zip(scored.labels.tolist(), values.tolist(), indices.tolist())]
     kept = {p.path for p in predictions}
     result = PredictResult(run.path, k, predictions, [f for f in files if f not in kept])
     if csv_path is not None:

@@ -302,10 +302,12 @@ class RunDir:
             raise RunError(f"{self.path}: no finished run here ({CHECKPOINT} is missing); run `tl fit` first")
         return _parse(CheckpointMeta, self.path / CHECKPOINT)
 
-    def read_recipe(self):
+    def read_recipe(self, overrides: tuple[str, ...] = ()):
+        """The run's saved recipe; `overrides` (from the command line) change how it is used
+        now (batch size, device, on_bad_image), never the model, which the checkpoint fixes."""
         from tlcli.recipe import load_recipe
 
-        return load_recipe(self.path / RECIPE)
+        return load_recipe(self.path / RECIPE, overrides)
 
     def weights(self) -> dict:
         return _load_safetensors(self.path / WEIGHTS)
