@@ -87,14 +87,20 @@ def _recipe_dir() -> Path:
 
 
 def shipped_recipes() -> dict[str, str]:
-    """name -> its first comment line after the command line (what the recipe is for)."""
-    found = {}
-    for path in sorted(_recipe_dir().glob("*.yaml")):
-        comments = [line.lstrip("# ").strip() for line in path.read_text(encoding="utf-8").splitlines()
-                    if line.startswith("#")]
-        about = next((c for c in comments[1:] if c), "")
-        found[path.stem] = about
-    return found
+    """name -> the first sentence of its header comment (after the command line): what it is for."""
+    return {path.stem: _about(path.read_text(encoding="utf-8")) for path in sorted(_recipe_dir().glob("*.yaml"))}
+
+
+def _about(text: str) -> str:
+    comments = [line.lstrip("#").strip() for line in text.splitlines()[1:] if line.startswith("#")]
+    paragraph = []
+    for line in comments:
+        if line:
+            paragraph.append(line)
+        elif paragraph:
+            break
+    sentence = " ".join(paragraph).split(". ")[0].rstrip(".")
+    return sentence if len(sentence) <= 110 else sentence[:109].rstrip() + "…"
 
 
 def copy_recipe(name: str, dest: Path) -> Path:
