@@ -464,7 +464,7 @@ def hub_server(root: Path) -> LocalServer:
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def log_message(self, *args):
-            pass
+            """Silent: a request log would bury the test's own output."""
 
         def _answer(self, body: bool):
             path = root / self.path.split("?")[0].lstrip("/")

@@ -141,7 +141,6 @@ class ShardWriter:
     def __init__(self, directory: Path, split: str, unit_batches: int, units: list[int]):
         self.directory, self.split, self.unit_batches, self.units = directory, split, unit_batches, units
         self.shards: list[dict] = []
-        self.count = 0
         self._unit: Optional[int] = None
         self._outs: list[list[torch.Tensor]] = []
         self._labels: list[torch.Tensor] = []
@@ -154,7 +153,6 @@ class ShardWriter:
             self._unit = unit
         self._outs.append(outs)
         self._labels.append(labels.to(torch.int64))
-        self.count += len(labels)
 
     def flush(self) -> None:
         if not self._outs:
