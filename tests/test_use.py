@@ -286,11 +286,12 @@ def test_predict_sees_what_training_saw(folder_run):
     from tlcli.data import plan_data
     from tlcli.evaluate import cached_logits
     from tlcli.predict import predict
+    from tlcli.rundir import RunDir
 
     _, _, run = folder_run
     ckpt = load_checkpoint(run)
-    recipe = ckpt_recipe = __import__("tlcli.rundir", fromlist=["RunDir"]).RunDir(run).read_recipe()
-    plan = plan_data(ckpt_recipe.data)
+    recipe = RunDir(run).read_recipe()
+    plan = plan_data(recipe.data)
     cached = cached_logits(ckpt, plan, recipe.cache, torch.device("cpu"))
     assert cached is not None
     result = predict(run, [s for s, _ in plan.splits["test"]], top_k=3)

@@ -39,10 +39,9 @@ def _tl_models(pattern: Optional[str]) -> list[ModelRow]:
 
 def _timm_models(pattern: Optional[str]) -> list[ModelRow]:
     import timm
-    from huggingface_hub import try_to_load_from_cache
     from timm.models import get_pretrained_cfg
 
-    from tlcli.zoo import EMBEDDED_ARCH
+    from tlcli.zoo import EMBEDDED_ARCH, in_hub_cache
 
     rows = []
     if _matches(EMBEDDED_ARCH, pattern):
@@ -52,8 +51,7 @@ def _timm_models(pattern: Optional[str]) -> list[ModelRow]:
             continue
         cfg = get_pretrained_cfg(name)
         repo = getattr(cfg, "hf_hub_id", None)
-        cached = bool(repo) and isinstance(try_to_load_from_cache(repo, getattr(cfg, "hf_hub_filename", None) or
-                                                                  "model.safetensors"), str)
+        cached = bool(repo) and in_hub_cache(repo, getattr(cfg, "hf_hub_filename", None) or "model.safetensors")
         rows.append(ModelRow("timm", name, "pretrained", cached))
     return rows
 

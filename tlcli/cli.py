@@ -157,10 +157,12 @@ def _relaunch_under_torchrun(nproc: int, out: Out) -> None:
 
     if out.dist.enabled:
         out.fail(TLError("--nproc: already running under torchrun (WORLD_SIZE is set)"), EXIT_USAGE)
-    argv = [a for a in sys.argv[1:] if not a.startswith("--nproc")]
-    if "--nproc" in sys.argv[1:]:  # the value given as a separate word
-        i = sys.argv.index("--nproc")
-        argv = [a for j, a in enumerate(sys.argv[1:], 1) if j not in (i, i + 1)]
+    argv, words = [], iter(sys.argv[1:])
+    for word in words:
+        if word == "--nproc":
+            next(words, None)  # and its value
+        elif not word.startswith("--nproc="):
+            argv.append(word)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "tlcli", *argv]
     os.execv(sys.executable, command)

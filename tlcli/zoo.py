@@ -245,7 +245,9 @@ def _build_timm(base: BaseSpec, load_weights: bool) -> ZooModel:
     import timm
 
     w = base.weights
-    model = timm.create_model(base.model, pretrained=False)
+    # Built once: with pretrained weights, by timm's own loader; otherwise with random ones.
+    pretrained = w.name == "pretrained" and load_weights
+    model = timm_pretrained(base.model) if pretrained else timm.create_model(base.model, pretrained=False)
     cfg = timm.data.resolve_data_config({}, model=model)
     crop = float(cfg.get("crop_pct", 1.0))
     size = int(cfg["input_size"][-1])
@@ -260,8 +262,6 @@ def _build_timm(base: BaseSpec, load_weights: bool) -> ZooModel:
         if load_weights:
             load_file_weights(model, w.file, w.sha256)
     elif w.name == "pretrained":
-        if load_weights:
-            model = timm_pretrained(model, base.model)
         return ZooModel(model, preprocess, imagenet_class_names() if model.num_classes == 1000 else None)
     elif not w.is_random:
         raise WeightsError(f"weights '{w.name}' for a timm model: use 'pretrained' (from the Hugging Face hub), "
@@ -269,22 +269,20 @@ def _build_timm(base: BaseSpec, load_weights: bool) -> ZooModel:
     return ZooModel(model, preprocess, None)
 
 
-def timm_hub_file(model: nn.Module) -> tuple[Optional[str], str]:
-    """(Hugging Face repo, file) that timm downloads a model's pretrained weights from."""
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    return cfg.get("hf_hub_id"), cfg.get("hf_hub_filename") or "model.safetensors"
-
-
-def timm_pretrained(model: nn.Module, name: str) -> nn.Module:
+def timm_pretrained(name: str) -> nn.Module:
     """The model with timm's pretrained weights, through timm's own loader (its per-model
     checkpoint filters included): the hub cache first (HF_HOME, HF_HUB_CACHE), then a
     download from HF_ENDPOINT. Offline, the error names the repo and file to place."""
     import timm
+    from timm.models import get_pretrained_cfg
 
-    repo, filename = timm_hub_file(model)
-    if repo is None and not (getattr(model, "pretrained_cfg", None) or {}).get("url"):
+    cfg = get_pretrained_cfg(name)
+    repo = getattr(cfg, "hf_hub_id", None)
+    filename = getattr(cfg, "hf_hub_filename", None) or "model.safetensors"
+    url = getattr(cfg, "url", None)
+    if repo is None and not url:
         raise WeightsError(f"timm has no pretrained weights for {name}; use weights: none or {{file: PATH}}")
-    if repo is not None and not _in_hub_cache(repo, filename):
+    if repo is not None and not in_hub_cache(repo, filename):
         unreachable = _unreachable_hub()
         if unreachable:
             raise WeightsError(f"cannot download pretrained weights for timm model {name}: {unreachable}. "
@@ -292,8 +290,7 @@ def timm_pretrained(model: nn.Module, name: str) -> nn.Module:
     try:
         return timm.create_model(name, pretrained=True).eval()
     except Exception as err:  # noqa: BLE001 - network, hub and file errors all mean "not here"
-        where = (f"the Hugging Face hub repo {repo}, file {filename}" if repo else
-                 f"{model.pretrained_cfg.get('url')}")
+        where = f"the Hugging Face hub repo {repo}, file {filename}" if repo else url
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise WeightsError(f"cannot load pretrained weights for timm model {name} from {where} ({reason[:300]}). "
                            + _place_hint(repo, filename)) from None
@@ -305,7 +302,7 @@ def _place_hint(repo: Optional[str], filename: str) -> str:
             "weights: {file: PATH}")
 
 
-def _in_hub_cache(repo: str, filename: str) -> bool:
+def in_hub_cache(repo: str, filename: str) -> bool:
     from huggingface_hub import try_to_load_from_cache
 
     return isinstance(try_to_load_from_cache(repo, filename), str)
