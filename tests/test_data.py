@@ -1,5 +1,6 @@
 """Data sources: digits, imagefolder (split or pre-split), flowers download, safe extraction."""
 
+import hashlib
 import io
 import json
 import tarfile
@@ -76,18 +77,19 @@ def test_flowers_download_from_local_server(tmp_path, monkeypatch):
     members = {f"flower_photos/{p.parent.name}/{p.name}": p.read_bytes() for p in src.rglob("*.png")}
     members["flower_photos/LICENSE.txt"] = b"license"
     served = _flowers_tgz(tmp_path, members)
+    sha = hashlib.sha256((served / "flower_photos.tgz").read_bytes()).hexdigest()  # a mirror is always pinned
     with LocalServer(served) as srv:
-        plan = plan_data(recipe_for(tmp_path, dataset="flowers", url=f"{srv.url}/flower_photos.tgz").data)
+        plan = plan_data(recipe_for(tmp_path, dataset="flowers", url=f"{srv.url}/flower_photos.tgz", sha256=sha).data)
     assert plan.class_names == ["daisy", "roses"] and sum(len(v) for v in plan.splits.values()) == 20
     # Second time: no server needed.
-    plan = plan_data(recipe_for(tmp_path, dataset="flowers", url="http://127.0.0.1:9/x.tgz").data)
+    plan = plan_data(recipe_for(tmp_path, dataset="flowers", url="http://127.0.0.1:9/x.tgz", sha256=sha).data)
     assert plan.class_names == ["daisy", "roses"]
 
 
 def test_flowers_offline_error_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setenv("TL_DATA_HOME", str(tmp_path / "data"))
     with pytest.raises(DataError, match="Offline, extract flower_photos.tgz"):
-        plan_data(recipe_for(tmp_path, dataset="flowers", url="http://127.0.0.1:9/flower_photos.tgz").data)
+        plan_data(recipe_for(tmp_path, dataset="flowers", url="http://127.0.0.1:9/flower_photos.tgz", sha256="0" * 64).data)
 
 
 def test_extraction_refuses_parent_traversal(tmp_path):

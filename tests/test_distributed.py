@@ -235,7 +235,7 @@ def test_the_recipe_says_which_batch_it_sets():
 
 def test_each_rank_gets_its_own_gpu(monkeypatch):
     from tlcli.distributed import current
-    from tlcli.zoo import resolve_device
+    from tlcli.device import resolve_device
 
     assert str(resolve_device("auto", cuda_available=True, cuda_count=4, local_rank=3)) == "cuda:3"
     assert str(resolve_device("cuda", cuda_available=True, cuda_count=4, local_rank=2)) == "cuda:2"

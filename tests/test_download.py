@@ -90,8 +90,15 @@ def test_a_download_over_the_size_limit_is_refused(tmp_path, mode):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_the_flowers_archive_is_fetched_over_https_and_pinned():
-    assert FLOWERS_URL.startswith("https://") and len(FLOWERS_SHA256) == 64
+def test_plain_http_is_refused_before_any_connection(tmp_path, monkeypatch):
+    import urllib.request
+
+    from tlcli.download import download
+
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: pytest.fail("connected"))
+    with pytest.raises(DataError, match="https only"):
+        download(FLOWERS_URL.replace("https://", "http://"), tmp_path / "f.tgz", FLOWERS_SHA256, max_bytes=1 << 20)
+    assert list(tmp_path.iterdir()) == []
 
 
 def _tgz(path, members):

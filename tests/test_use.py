@@ -415,10 +415,10 @@ def test_shell_completion_is_enabled():
 
 def test_models_lists_the_zoos_and_what_is_offline():
     code, out, _ = tl("models", "tf_efficientnet_lite0", "--json")
-    rows = json.loads(out)
+    rows = json.loads(out)["models"]
     assert code == 0 and {"zoo": "timm", "model": "tf_efficientnet_lite0", "weights": "embedded", "offline": True} in rows
     code, out, _ = tl("models", "resnet18", "--json")
-    zoos = {(r["zoo"], r["weights"]) for r in json.loads(out)}
+    zoos = {(r["zoo"], r["weights"]) for r in json.loads(out)["models"]}
     assert ("torchvision", "ResNet18_Weights.IMAGENET1K_V1") in zoos and ("timm", "pretrained") in zoos
     code, out, _ = tl("models", "tiny", "--offline")
     assert code == 0 and "tiny_resnet" in out

@@ -17,8 +17,9 @@ from tlcli.zoo import (
     imagenet_class_names,
     load_file_weights,
     map_embedded_key,
-    resolve_device,
 )
+
+from tlcli.device import resolve_device
 
 from conftest import LocalServer
 
@@ -240,5 +241,5 @@ def test_a_weights_file_from_another_task_loads_all_but_its_head(tmp_path):
 
 def test_a_malformed_safetensors_file_is_a_weights_error(tmp_path):
     (tmp_path / "w.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
-    with pytest.raises(WeightsError, match="not a readable safetensors file"):
+    with pytest.raises(WeightsError, match="damaged or unreadable safetensors file"):
         load_file_weights(torch.nn.Linear(2, 2), str(tmp_path / "w.safetensors"), None)

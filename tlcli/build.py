@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch import fx
 
-from tlcli.errors import RecipeError, RunError, SpecError, WeightsError, did_you_mean
+from tlcli.errors import RecipeError, RunError, SpecError, WeightsError, did_you_mean, out_of_memory
 from tlcli.freeze import resolve_split
 from tlcli.graph import ModelGraph, Split, TransferModel, frozen_extractor, trainable_part
 from tlcli.recipe import FreezeSpec, Recipe, Stage
@@ -58,7 +58,8 @@ def prepare(recipe: Recipe, class_names: list[str], stage: Optional[Stage] = Non
     Every name in the surgery, head, freezes and per-layer rates is checked
     here, so a bad name in any stage fails before featurize or fit does any work.
     """
-    built, issues = _build(recipe, class_names, weights, seen=())
+    with out_of_memory("building the model (base, surgery and head)", "lower the n_out of layers the surgery adds"):
+        built, issues = _build(recipe, class_names, weights, seen=())
     stages = recipe.stage_plan()
     splits: dict[int, Split] = {}
     for s in stages:

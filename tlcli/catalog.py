@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import fnmatch
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from tlcli.errors import TLError, did_you_mean
+from tlcli.files import atomic_write, claim_outputs
 
 
 @dataclass
@@ -101,14 +101,13 @@ def _about(text: str) -> str:
     return sentence if len(sentence) <= 110 else sentence[:109].rstrip() + "…"
 
 
-def copy_recipe(name: str, dest: Path) -> Path:
+def copy_recipe(name: str, dest: Path, force: bool = False) -> Path:
     names = list(shipped_recipes())
     stem = name[:-5] if name.endswith(".yaml") else name
     if stem not in names:
         raise TLError(f"no shipped recipe '{name}'{did_you_mean(stem, names)}; `tl recipes` lists them")
     target = dest / f"{stem}.yaml" if dest.is_dir() else dest
-    if target.exists():
-        raise TLError(f"{target}: already exists; refusing to overwrite it")
+    claim_outputs([target], force)
     target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(_recipe_dir() / f"{stem}.yaml", target)
+    atomic_write(target, (_recipe_dir() / f"{stem}.yaml").read_bytes())
     return target

@@ -13,7 +13,8 @@ from tlcli.build import Prepared, prepare
 from tlcli.errors import RunError
 from tlcli.graph import TransferModel
 from tlcli.preprocess import Preprocess
-from tlcli.rundir import WEIGHTS, CheckpointMeta, RunDir
+from tlcli.rundir import CHECKPOINT, WEIGHTS, CheckpointMeta, RunDir
+from tlcli.weights import require_sound
 
 
 @dataclass
@@ -43,11 +44,17 @@ def load_checkpoint(run_dir) -> Checkpoint:
     meta = run.read_meta()
     recipe = run.read_recipe()
     prepared = prepare(recipe, meta.class_names, recipe.stage_plan()[-1], weights=False)
+    split = prepared.split
+    if (meta.frozen_modules, meta.frozen_attrs) != (split.frozen_module_names(), split.frozen_attr_names()):
+        raise RunError(f"{run / CHECKPOINT}: damaged (frozen_modules and frozen_attrs are not what the run's recipe "
+                       "freezes); fit the run again with --force")
+    state = run.weights()
+    require_sound(state, prepared.model.state_dict(), run / WEIGHTS, RunError, "; fit the run again with --force")
     try:
-        prepared.model.load_state_dict(run.weights(), strict=True)
+        prepared.model.load_state_dict(state, strict=True)
     except RuntimeError as err:  # missing, unexpected or reshaped tensors: the file does not fit
         first = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
         raise RunError(f"{run / WEIGHTS}: does not fit the run's model ({first}); fit the run again with --force") from None
-    model = TransferModel(prepared.model, meta.frozen_modules, meta.frozen_attrs)
+    model = prepared.transfer_model()
     model.eval()
     return Checkpoint(meta, model, prepared)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import os
 import re
 import sys
 import traceback
@@ -23,6 +24,7 @@ import typer
 
 from tlcli import __version__
 from tlcli.errors import TLError
+from tlcli.text import printable
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_BELOW_MIN, EXIT_BUG, EXIT_INTERRUPTED = 0, 1, 2, 3, 70, 130
 EXIT_CODES = {
@@ -52,7 +54,19 @@ Overrides = Annotated[Optional[list[str]], typer.Argument(
     help="Recipe overrides KEY=VALUE (VALUE is YAML), e.g. fine_tune.lr=0.01 data.batch_size=32.", show_default=False)]
 JsonOpt = Annotated[bool, typer.Option("--json", metavar=FLAG, help="Print one JSON object on stdout; human text goes to stderr.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", metavar=FLAG, help="No progress and no summary; warnings and errors only.")]
-DeviceOpt = Annotated[Optional[str], typer.Option(help="Override the recipe's device (auto, cpu, cuda, cuda:N, mps).")]
+OverwriteOpt = Annotated[bool, typer.Option("--force", metavar=FLAG, help="Overwrite the file named with -o (and what is written beside it).")]
+def _device_option(value: Optional[str]) -> Optional[str]:
+    import re
+
+    from tlcli.recipe import DEVICE_PATTERN
+
+    if value is not None and not re.fullmatch(DEVICE_PATTERN, value):
+        raise typer.BadParameter(f"'{value}' is not one of auto, cpu, cuda, cuda:N, mps")
+    return value
+
+
+DeviceOpt = Annotated[Optional[str], typer.Option(callback=_device_option,
+                                                  help="Override the recipe's device (auto, cpu, cuda, cuda:N, mps).")]
 _OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*=")
 
 
@@ -61,9 +75,19 @@ def _example(*lines: str) -> str:
     return "\b\nExamples:\n" + "\n".join(f"  $ {line}" for line in lines)
 
 
+def _say(line: str, err: bool = False) -> None:
+    # A non-UTF-8 file name must not crash the line that reports it.
+    typer.echo(printable(line), err=err)
+
+
 class Out:
     """Where each kind of output goes, under --json and --quiet. Under torchrun, rank 0 speaks
-    for the run; the other ranks print only their own tagged lines and errors."""
+    for the run; the other ranks print only their own tagged lines and errors.
+
+    With --json, exactly one object reaches stdout on every path: the command's result, its
+    error, or (from `main`, when the command printed none) the usage error, crash or interrupt."""
+
+    json_printed = False  # per process: `main` prints a fallback object only when nothing was printed
 
     def __init__(self, as_json: bool = False, quiet: bool = False):
         from tlcli.distributed import Dist, current
@@ -76,15 +100,15 @@ class Out:
 
     def text(self, line: str = "") -> None:
         if not self.quiet and self.dist.main:
-            typer.echo(line, err=self.as_json)
+            _say(line, err=self.as_json)
 
     def warn(self, line: str) -> None:
         if self.dist.main:
-            typer.echo(f"warning: {line}", err=True)
+            _say(f"warning: {line}", err=True)
 
     def result(self, obj: dict) -> None:
         if self.as_json and self.dist.main:
-            typer.echo(json.dumps(obj, indent=2, default=str))
+            print_json({"exit_code": EXIT_OK, **obj})
 
     def reporter(self):
         from tlcli.progress import LineReporter, RankReporter, Reporter, RichReporter
@@ -103,12 +127,24 @@ class Out:
         return True
 
     def fail(self, err: TLError, code: int = EXIT_ERROR) -> None:
-        lines = str(err).splitlines()
+        lines = [printable(line) for line in str(err).splitlines()]
         for line in lines:
-            typer.echo(f"error: {line}" if not line.startswith(("error", " ")) else line, err=True)
+            _say(f"error: {line}" if not line.startswith(("error", " ")) else line, err=True)
         if self.as_json and self.dist.main:
-            typer.echo(json.dumps({"ok": False, "exit_code": code, "errors": lines}, indent=2))
+            print_json(_error_object(code, lines))
         raise typer.Exit(code=code) from None
+
+
+def print_json(obj: dict) -> None:
+    """The one JSON object of this command, on stdout (ASCII: any file name survives it)."""
+    if Out.json_printed:
+        return  # a second object would break `| jq`; the first one stands
+    Out.json_printed = True
+    typer.echo(json.dumps(obj, indent=2, default=str))
+
+
+def _error_object(code: int, lines: list[str]) -> dict:
+    return {"ok": False, "exit_code": code, "errors": lines}
 
 
 def _version(value: bool) -> None:
@@ -123,7 +159,7 @@ def _root(
         Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
     ] = None,
 ) -> None:
-    pass
+    Out.json_printed = False  # a new command (tests run many in one process)
 
 
 # A disk that is full, read-only or not ours is the user's to fix, not a bug in tl.
@@ -138,9 +174,17 @@ def _user_errors(out: Out):
     except TLError as err:
         out.fail(err)
     except OSError as err:
-        if err.errno not in _DISK_ERRNOS:
-            raise  # anything else is our bug: keep the traceback
-        out.fail(TLError(f"{err.filename or 'a file'}: {err.strerror}"))
+        # The operating system refusing a path (too long, missing parent, a directory where a
+        # file goes, a device, a full or read-only disk) is one line naming the path, whatever
+        # the errno. An OSError with no path and no disk errno is our bug: keep the traceback.
+        if err.filename is None and err.errno not in _DISK_ERRNOS:
+            raise
+        where = err.filename if err.filename is not None else "a file"
+        where = os.fsdecode(where) if isinstance(where, bytes) else str(where)
+        also = f" -> {err.filename2}" if getattr(err, "filename2", None) else ""
+        out.fail(TLError(f"{where}{also}: {err.strerror or err}"))
+    except MemoryError:
+        out.fail(TLError("out of memory; lower fine_tune.batch_size or data.batch_size, or the width of added layers"))
 
 
 @contextlib.contextmanager
@@ -196,19 +240,23 @@ def validate(
     recipe: RecipeArg,
     overrides: Overrides = None,
     show: Annotated[bool, typer.Option("--print", metavar=FLAG, help="Print the resolved recipe, defaults filled in.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Check a recipe: its schema, then every layer name against the model's graph."""
-    out = Out()
+    out = Out(as_json)
     with _user_errors(out):
         from tlcli.inspect import validate_recipe
         from tlcli.recipe import dump_recipe
 
         loaded = _load(recipe, overrides, out)
         validate_recipe(loaded)
-    if show:
+    if as_json:
+        out.result({"ok": True, "recipe": str(recipe), "warnings": loaded.warnings(),
+                    **({"resolved": loaded.model_dump(mode="json")} if show else {})})
+    elif show:
         typer.echo(dump_recipe(loaded), nl=False)
     else:
-        typer.echo(f"{recipe}: ok")
+        _say(f"{recipe}: ok")
 
 
 @app.command(epilog=_example("tl inspect recipes/quickstart.yaml", "tl inspect recipes/digits-two-stage.yaml --stage 2"))
@@ -216,13 +264,17 @@ def inspect(
     recipe: RecipeArg,
     overrides: Overrides = None,
     stage: Annotated[Optional[int], typer.Option(help="Show this stage's freeze (1-based; default the first).")] = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """The model after surgery, node by node: op, output shape, parameters, frozen or trainable, the frontier."""
-    out = Out()
+    out = Out(as_json)
     with _user_errors(out):
         from tlcli.inspect import inspect_recipe
 
         rows, summary = inspect_recipe(_load(recipe, overrides, out), stage)
+    if as_json:
+        out.result({"ok": True, **summary, "nodes": rows})
+        return
     from rich.console import Console
     from rich.table import Table
 
@@ -352,11 +404,13 @@ def evaluate(
     out.text(f"test accuracy {m['accuracy']:.4f}  top5 {m['top5']:.4f}  macro-F1 {m['macro_f1']:.4f}  (n={m['n']})")
     out.text(f"wrote {result.out_dir}/: {', '.join(result.written)}")
     passed = min_accuracy is None or m["accuracy"] >= min_accuracy
-    out.result({"ok": passed, "run_dir": str(result.run_dir), "eval_dir": str(result.out_dir),
+    below = [] if passed else [f"accuracy {m['accuracy']:.4f} is below --min-accuracy {min_accuracy}"]
+    out.result({"ok": passed, "exit_code": EXIT_OK if passed else EXIT_BELOW_MIN, "errors": below,
+                "run_dir": str(result.run_dir), "eval_dir": str(result.out_dir),
                 **({"min_accuracy": min_accuracy, "passed": passed} if min_accuracy is not None else {}),
                 **{k: v for k, v in m.items() if k != "confusion_matrix"}, "confusion_matrix": m["confusion_matrix"]})
     if not passed:
-        typer.echo(f"error: accuracy {m['accuracy']:.4f} is below --min-accuracy {min_accuracy}", err=True)
+        _say(f"error: {below[0]}", err=True)
         raise typer.Exit(code=EXIT_BELOW_MIN)
 
 
@@ -370,6 +424,7 @@ def predict(
         show_default=False, metavar="PATHS...")],
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="How many classes to show per image.")] = 5,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Also write the predictions as CSV here.")] = None,
+    force: OverwriteOpt = False,
     device: DeviceOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -384,11 +439,11 @@ def predict(
     with _user_errors(out):
         from tlcli.predict import predict as run_predict
 
-        result = run_predict(target, files, top_k, out.reporter(), device, overrides, output)
+        result = run_predict(target, files, top_k, out.reporter(), device, overrides, output, force)
     for path in result.skipped:
         out.warn(f"{path}: could not be decoded; skipped (data.on_bad_image: skip)")
     if as_json:
-        typer.echo(json.dumps({"ok": True, **result.to_json()}, indent=2))
+        out.result({"ok": True, **result.to_json()})
     elif not quiet:
         _prediction_table(result)
     if output is not None:
@@ -399,12 +454,12 @@ def _prediction_table(result: Any) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"predictions of {result.run_dir}")
+    table = Table(title=printable(f"predictions of {result.run_dir}"))
     table.add_column("image", overflow="fold")
     for i in range(1, result.top_k + 1):
         table.add_column(f"#{i}")
     for p in result.predictions:
-        table.add_row(p.path, *[f"{c} {prob:.3f}" for c, prob in p.top])
+        table.add_row(printable(p.path), *[f"{printable(c)} {prob:.3f}" for c, prob in p.top])
     Console(width=None if sys.stdout.isatty() else 160).print(table)
 
 
@@ -415,6 +470,7 @@ def export(
         help="A run directory or a recipe (default: the run the last `tl fit` here finished).", show_default=False)] = None,
     fmt: Annotated[str, typer.Option("--format", "-f", help="onnx or torchscript.")] = "onnx",
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Where to write (default RUN_DIR/model.onnx|.pt).")] = None,
+    force: OverwriteOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """A file that runs without tl: uint8 NCHW images at the input size in, class probabilities out; PATH.json beside it."""
@@ -425,7 +481,7 @@ def export(
         from tlcli.export import export as run_export
         from tlcli.rundir import find_run
 
-        result = run_export(find_run(target).path, fmt, output)
+        result = run_export(find_run(target).path, fmt, output, force)
     out.text(f"wrote {result.path} ({result.format}) and {result.sidecar}")
     out.result({"ok": True, "path": str(result.path), "sidecar": str(result.sidecar), "format": result.format})
 
@@ -441,7 +497,7 @@ def models(
 
     rows = [r for r in list_models(pattern) if r.offline or not offline]
     if as_json:
-        typer.echo(json.dumps([r.__dict__ for r in rows], indent=2))
+        print_json({"ok": True, "exit_code": EXIT_OK, "count": len(rows), "models": [r.__dict__ for r in rows]})
         return
     for r in rows:
         typer.echo(f"{r.zoo:<12} {r.model:<48} {'offline' if r.offline else '-':<8} {r.weights}")
@@ -463,26 +519,50 @@ def recipes_list(ctx: typer.Context) -> None:
 def recipes_cp(
     name: Annotated[str, typer.Argument(help="A shipped recipe's name (see `tl recipes`).", show_default=False)],
     dest: Annotated[Path, typer.Argument(help="A file or directory to copy it to.", show_default=False)],
+    force: Annotated[bool, typer.Option("--force", metavar=FLAG, help="Overwrite DEST if it exists.")] = False,
 ) -> None:
     """Copy a shipped recipe, to edit and run."""
     out = Out()
     with _user_errors(out):
         from tlcli.catalog import copy_recipe
 
-        written = copy_recipe(name, dest)
+        written = copy_recipe(name, dest, force)
     typer.echo(f"wrote {written}")
 
 
-def main() -> None:
+def _wants_json(argv: list[str]) -> bool:
+    words = argv[: argv.index("--")] if "--" in argv else argv
+    return "--json" in words
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Run one command; every way out has its exit code, and under --json its one object."""
+    argv = sys.argv[1:] if argv is None else argv
+    errors: list[str] = []
+    Out.json_printed = False
     try:
-        app()
-    except KeyboardInterrupt:
+        code = app(args=argv, prog_name="tl", standalone_mode=False)
+        code = code if isinstance(code, int) else EXIT_OK
+        if code == EXIT_INTERRUPTED:  # Typer turns Ctrl-C inside a command into this exit code
+            typer.echo("interrupted", err=True)
+            errors = ["interrupted"]
+    except typer.TyperException as err:  # click's usage errors: unknown option, missing argument, bad value
+        err.show()
+        code, errors = err.exit_code, [printable(err.format_message())]
+    except (KeyboardInterrupt, typer.Abort):
         typer.echo("interrupted", err=True)
-        sys.exit(EXIT_INTERRUPTED)
-    except Exception:  # noqa: BLE001 - anything not a TLError is our bug: show it, with its own code
+        code, errors = EXIT_INTERRUPTED, ["interrupted"]
+    except Exception as err:  # noqa: BLE001 - anything not a TLError is our bug: show it, with its own code
         traceback.print_exc()
         typer.echo("error: this is a bug in tl; please report it with the traceback above", err=True)
-        sys.exit(EXIT_BUG)
+        code, errors = EXIT_BUG, [f"a bug in tl: {type(err).__name__}: {printable(str(err))[:500]}"]
+    if _wants_json(argv) and not Out.json_printed and code != EXIT_OK:
+        from tlcli.distributed import current
+
+        with contextlib.suppress(TLError):
+            if current().main:
+                print_json(_error_object(code, errors or [f"exited with code {code}"]))
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -77,7 +77,7 @@ class DataPlan:
         for split in SPLITS:
             h.update(f"|{split}|".encode())
             for source, label in self.splits.get(split, []):
-                h.update(f"{source}:{label};".encode())
+                h.update(f"{source}:{label};".encode("utf-8", "surrogateescape"))  # a non-UTF-8 name is its bytes
                 if self.kind == "files":
                     h.update(bytes.fromhex(digests[source]))
         return h.hexdigest()
@@ -110,23 +110,32 @@ class DigestIndex:
     def _connect(self) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(self.path, timeout=60)
-        db.execute("CREATE TABLE IF NOT EXISTS digests (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, "
+        # Paths are stored as the file system's bytes: a name that is not UTF-8 (surrogates in
+        # Python) is still a name. (The older `digests` table kept text; it is left unread.)
+        db.execute("CREATE TABLE IF NOT EXISTS file_digests (path BLOB PRIMARY KEY, size INTEGER, mtime_ns INTEGER, "
                    "ctime_ns INTEGER, inode INTEGER, digest TEXT)")
         return db
 
     def _load(self) -> dict[str, tuple]:
         try:
             with contextlib.closing(self._connect()) as db:
-                return {row[0]: tuple(row[1:]) for row in db.execute("SELECT * FROM digests")}
+                return {os.fsdecode(row[0]): tuple(row[1:]) for row in db.execute("SELECT * FROM file_digests")
+                        if isinstance(row[0], bytes) and _is_digest(row[-1])}
         except (sqlite3.Error, OSError):
             return {}  # an unreadable index only costs the re-hashing it would have saved
 
     def _store(self, rows: list[tuple]) -> None:
         try:
             with contextlib.closing(self._connect()) as db, db:
-                db.executemany("INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?, ?, ?)", rows)
+                db.executemany("INSERT OR REPLACE INTO file_digests VALUES (?, ?, ?, ?, ?, ?)",
+                               [(os.fsencode(path), *rest) for path, *rest in rows])
         except (sqlite3.Error, OSError):
             pass  # read-only cache directory: digests are still right, just not remembered
+
+
+def _is_digest(value) -> bool:
+    """A row read back from the index is trusted only if its digest has the right form."""
+    return isinstance(value, str) and len(value) == 32 and all(c in "0123456789abcdef" for c in value)
 
 
 def _stat_key(path: str) -> tuple:
@@ -210,6 +219,18 @@ def plan_imagefolder(spec: DataSpec, root: Path) -> DataPlan:
         splits[split] = pairs
     _check_classes(splits["train"], kept, root / "train", loc)
     return DataPlan("files", kept, _carve_missing(spec, splits), root)
+
+
+def require_every_class(plan: DataPlan, skipped: set[str]) -> None:
+    """An error when every train image of some class was left out (unreadable, with
+    data.on_bad_image: skip): a head would be trained that never saw that class."""
+    left = np.bincount([label for source, label in plan.splits.get("train", []) if str(source) not in skipped],
+                       minlength=len(plan.class_names))
+    lost = [name for name, n in zip(plan.class_names, left) if n == 0]
+    if lost:
+        more = f" ({len(lost)} such classes)" if len(lost) > 1 else ""
+        raise DataError(f"class '{lost[0]}' has no readable image in the train split (data.on_bad_image: skip left out "
+                        f"every one){more}; fix or remove its files")
 
 
 def size_hint(plan: DataPlan, input_size: int) -> Optional[str]:

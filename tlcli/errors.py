@@ -7,9 +7,11 @@ traceback. The engine raises; only the CLI prints or exits.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import re
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Iterator
 
 
 class TLError(Exception):
@@ -56,6 +58,14 @@ class WeightsError(TLError):
     """Pretrained weights that cannot be found, verified or loaded."""
 
 
+class OutputError(TLError):
+    """An output the user named (`-o PATH`, `tl recipes cp DEST`) that tl will not write over."""
+
+
+class ResourceError(TLError):
+    """The machine ran out of something the recipe asked for (memory): what, and what to lower."""
+
+
 class RunError(TLError):
     """A run directory in a state the command refuses to touch (missing, finished, foreign)."""
 
@@ -71,3 +81,25 @@ def did_you_mean(word: str, choices: Iterable[str], n: int = 3) -> str:
     if not close:
         return ""
     return "; did you mean " + " or ".join(f"'{c}'" for c in close) + "?"
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    # torch.OutOfMemoryError (CUDA) subclasses RuntimeError; the CPU allocator raises a plain
+    # RuntimeError that says "can't allocate memory"; Python's own allocations raise MemoryError.
+    text = str(err)
+    return (isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError"
+            or "can't allocate memory" in text or "CUDA out of memory" in text)
+
+
+@contextlib.contextmanager
+def out_of_memory(what: str, advice: str) -> Iterator[None]:
+    """Running out of memory inside the block is one line: `what` was being done, the size
+    that failed, and `advice` (what in the recipe to lower), not a traceback."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as err:
+        if not _is_out_of_memory(err):
+            raise
+        m = re.search(r"allocate (\d+) bytes", str(err)) or re.search(r"allocate ([\d.]+ [KMGT]iB)", str(err))
+        size = (f" ({int(m.group(1)) / 2**30:.1f} GiB at once)" if m.group(1).isdigit() else f" ({m.group(1)} at once)") if m else ""
+        raise ResourceError(f"out of memory while {what}{size}; {advice}") from None

@@ -17,7 +17,7 @@ import torch
 
 from tlcli.checkpoint import Checkpoint, load_checkpoint
 from tlcli.data import labelled_folder, plan_data
-from tlcli.errors import DataError, RunError
+from tlcli.errors import DataError, RunError, out_of_memory
 from tlcli.features import cache_key, digest_index, key_components, open_cache
 from tlcli.files import write_json_atomic
 from tlcli.pipeline import ImageLoader, decode_threads, decoder_name, load_sized
@@ -25,7 +25,7 @@ from tlcli.plots import plot_confusion, plot_top_losses
 from tlcli.report import write_report
 from tlcli.progress import Reporter
 from tlcli.rundir import EVAL_CONFUSION, EVAL_CONFUSION_PLOT, EVAL_METRICS, EVAL_REPORT, EVAL_TOP_LOSSES, RunDir, find_run
-from tlcli.zoo import resolve_device
+from tlcli.device import device_for
 
 
 @dataclass
@@ -58,7 +58,8 @@ def model_logits(model, pairs, preprocess, batch_size, num_workers, device, repo
     logits, labels = [], []
     batches = ImageLoader(pairs, preprocess, batch_size, device, decode_threads(num_workers, device),
                           on_bad_image=on_bad_image)
-    with reporter.task(description, total=len(pairs), unit="img") as task, torch.inference_mode():
+    with reporter.task(description, total=len(pairs), unit="img") as task, torch.inference_mode(), \
+            out_of_memory(f"{description} (batch {batch_size})", "lower data.batch_size (e.g. the override data.batch_size=8)"):
         for x, y in batches:
             logits.append(model(x).float().cpu())
             labels.append(y)
@@ -77,8 +78,7 @@ def evaluate(target: Optional[Path], reporter: Reporter = Reporter(), device_spe
     ckpt = load_checkpoint(run.path)
     # The run's own resolved recipe defines the data and split it was fit on.
     recipe = run.read_recipe(overrides)
-    with recipe.located():
-        device = resolve_device(device_spec or recipe.device)
+    device = device_for(recipe, device_spec)
     warnings: list[str] = []
     if data is not None:
         scored = _score_folder(ckpt, Path(data), recipe, device, reporter)

@@ -20,10 +20,9 @@ from torch import nn
 
 from tlcli.checkpoint import load_checkpoint
 from tlcli.errors import TLError
-from tlcli.files import atomic_write, write_json_atomic
+from tlcli.files import atomic_write, claim_outputs, write_json_atomic
 from tlcli.preprocess import Preprocess
-
-FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
+from tlcli.rundir import EXPORTS, RunDir
 
 
 class Deployable(nn.Module):
@@ -48,18 +47,22 @@ class ExportResult:
     format: str
 
 
-def export(run_dir: Path, fmt: str, output: Optional[Path] = None) -> ExportResult:
-    if fmt not in FORMATS:
-        raise TLError(f"--format {fmt}: not one of {', '.join(FORMATS)}")
+def export(run_dir: Path, fmt: str, output: Optional[Path] = None, force: bool = False) -> ExportResult:
+    """Write the model and `PATH.json`. Without `output`, into the run under a name it owns
+    (replaced on a new export); a path the user names, and its sidecar, are never
+    replaced without `force`."""
+    if fmt not in EXPORTS:
+        raise TLError(f"--format {fmt}: not one of {', '.join(EXPORTS)}")
+    path = Path(output) if output is not None else RunDir(run_dir).export_path(fmt)
+    sidecar = path.with_name(path.name + ".json")
+    claim_outputs([path, sidecar], force or output is None)
     ckpt = load_checkpoint(run_dir)
     pp = ckpt.preprocess
     model = Deployable(ckpt.model.net, pp).eval()
     example = torch.zeros(2, pp.channels, pp.size, pp.size, dtype=torch.uint8)
-    path = Path(output) if output is not None else Path(run_dir) / f"model{FORMATS[fmt]}"
     path.parent.mkdir(parents=True, exist_ok=True)
     data = _onnx_bytes(model, example) if fmt == "onnx" else _torchscript_bytes(model, example)
     atomic_write(path, data)
-    sidecar = path.with_name(path.name + ".json")
     write_json_atomic(sidecar, {
         "format": fmt,
         "input": {"name": "images", "dtype": "uint8", "layout": "NCHW",

@@ -18,22 +18,25 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Annotated, Iterator, Literal, Optional, Sequence
 
 import torch
-from safetensors.torch import load_file
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from safetensors.torch import load
 
 from tlcli import distributed
 from tlcli.build import Prepared, prepare
-from tlcli.data import DataPlan, plan_data, size_hint
-from tlcli.files import atomic_write, file_lock, tensors_bytes, write_json_atomic
+from tlcli.data import DataPlan, require_every_class, plan_data, size_hint
+from tlcli.errors import DataError, out_of_memory
+from tlcli.files import atomic_write, file_lock, fsync_directory, tensors_bytes, write_json_atomic
 from tlcli.pipeline import ImageLoader, decode_threads, decoder_name
 from tlcli.progress import Reporter
 from tlcli.recipe import CacheSpec, DataSpec, Recipe, Stage
-from tlcli.zoo import resolve_device
+from tlcli.device import make_deterministic, resolve_device
 
 # 2: images are resized in uint8 by the pipeline (rounding differs from format 1's float resize).
-CACHE_FORMAT = 2
+# 3: the manifest records each shard's digest, checked whenever the shard is read.
+CACHE_FORMAT = 3
 MANIFEST = "manifest.json"
 
 
@@ -81,9 +84,77 @@ def cache_key(components: dict) -> str:
     return hashlib.blake2b(json.dumps(components, sort_keys=True).encode(), digest_size=12).hexdigest()
 
 
+_SHARD_NAME = r"^(train|val|test)-\d{5}\.safetensors$"
+_HEX = r"^[0-9a-f]{32}$"
+
+
+class ShardRecord(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # A plain name inside the cache: a manifest cannot point tl at another file.
+    file: str = Field(pattern=_SHARD_NAME)
+    rows: int = Field(ge=1, le=10**9)
+    bytes: int = Field(ge=1, le=1 << 40)
+    digest: str = Field(pattern=_HEX)  # blake2b-128 of the file: a changed shard is damage, not data
+
+
+class SplitRecord(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    count: int = Field(ge=0, le=10**10)
+    shards: list[ShardRecord]
+
+    @model_validator(mode="after")
+    def _count_is_the_rows(self) -> "SplitRecord":
+        if self.count != sum(s.rows for s in self.shards):
+            raise ValueError(f"count {self.count} is not the sum of its shards' rows")
+        return self
+
+
+class FrontierRecord(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    shape: list[Annotated[int, Field(ge=1, le=10**7)]] = Field(max_length=6)
+    dtype: Literal["float32", "bfloat16"]
+
+
+class Manifest(BaseModel):
+    """`manifest.json`, parsed with bounds: every name stays inside the cache, every count adds up."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    format: Literal[CACHE_FORMAT]
+    key: str = Field(pattern=r"^[0-9a-f]{24}$")
+    components: dict
+    frontier: list[FrontierRecord] = Field(min_length=1, max_length=64)
+    class_names: list[str] = Field(min_length=2, max_length=1_000_000)
+    splits: dict[Literal["train", "val", "test"], SplitRecord]
+    skipped: list[str] = []
+    seconds: float = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Manifest":
+        if cache_key(self.components) != self.key:
+            raise ValueError("key does not match its components")
+        if sorted(self.splits) != sorted(self.components.get("splits", [])):
+            raise ValueError(f"splits {sorted(self.splits)} are not the ones keyed {self.components.get('splits')}")
+        for name, split in self.splits.items():
+            if any(not s.file.startswith(f"{name}-") for s in split.shards):
+                raise ValueError(f"split {name} lists another split's shard")
+        if not self.splits.get("train") or not self.splits["train"].count:
+            raise ValueError("the train split is empty")
+        return self
+
+
+class DamagedCache(DataError):
+    """A complete-looking cache whose files do not match its manifest."""
+
+
 @dataclass
 class FeatureCache:
-    """A complete cache on disk, read one shard at a time."""
+    """A complete cache on disk, read one shard at a time; every shard is checked against its
+    manifest entry (digest, rows, shapes, labels) as it is read."""
 
     path: Path
     manifest: dict
@@ -107,9 +178,31 @@ class FeatureCache:
         return [s["rows"] for s in self.manifest["splits"].get(split, {}).get("shards", [])]
 
     def read_shard(self, name: str) -> tuple[list[torch.Tensor], torch.Tensor]:
-        tensors = load_file(str(self.path / name))
-        n = len(self.manifest["frontier"])
-        return [tensors[f"frontier_{i}"].float() for i in range(n)], tensors["labels"]
+        record = next((s for split in self.manifest["splits"].values() for s in split["shards"] if s["file"] == name), None)
+        if record is None:
+            raise self.damaged(f"{name} is not in the manifest")
+        data = (self.path / name).read_bytes()
+        if len(data) != record["bytes"] or _digest(data) != record["digest"]:
+            raise self.damaged(f"{name} is not the file the manifest describes (size or digest differ)")
+        try:
+            tensors = load(data)
+        except Exception as err:  # noqa: BLE001 - safetensors raises several types for a bad header
+            raise self.damaged(f"{name} is not a readable safetensors file ({err})") from None
+        frontier = []
+        for i, f in enumerate(self.manifest["frontier"]):
+            t = tensors.get(f"frontier_{i}")
+            if t is None or list(t.shape) != [record["rows"], *f["shape"]] or str(t.dtype) != f"torch.{f['dtype']}":
+                raise self.damaged(f"{name}: frontier_{i} does not have {record['rows']} rows of {f['shape']} {f['dtype']}")
+            frontier.append(t.float())
+        labels = tensors.get("labels")
+        classes = len(self.manifest["class_names"])
+        if labels is None or labels.dtype != torch.int64 or list(labels.shape) != [record["rows"]] or (
+                len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < classes):
+            raise self.damaged(f"{name}: labels are not {record['rows']} class indices below {classes}")
+        return frontier, labels
+
+    def damaged(self, why: str) -> DamagedCache:
+        return DamagedCache(f"{self.path}: damaged feature cache ({why}); rebuild it with tl featurize --force")
 
     def iterate(self, split: str) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
         for name in self.shards(split):
@@ -117,19 +210,24 @@ class FeatureCache:
 
 
 def open_cache(path: Path) -> Optional[FeatureCache]:
-    """The cache at `path` if it is complete and intact, else None."""
+    """The cache at `path` if it is complete (a manifest that parses, names this directory's
+    key, and whose shards are all there at their size), else None: built again, never read."""
     try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except (OSError, ValueError):
+        manifest = Manifest.model_validate(json.loads((path / MANIFEST).read_text(encoding="utf-8")))
+    except (OSError, ValueError, ValidationError):
         return None
-    if manifest.get("format") != CACHE_FORMAT:
+    if manifest.key != path.name:
         return None
-    for split in manifest.get("splits", {}).values():
-        for shard in split["shards"]:
-            f = path / shard["file"]
-            if not f.is_file() or f.stat().st_size != shard["bytes"]:
+    for split in manifest.splits.values():
+        for shard in split.shards:
+            f = path / shard.file
+            if not f.is_file() or f.stat().st_size != shard.bytes:
                 return None
-    return FeatureCache(path, manifest)
+    return FeatureCache(path, manifest.model_dump(mode="json"))
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 class ShardWriter:
@@ -160,9 +258,10 @@ class ShardWriter:
         tensors = {f"frontier_{i}": torch.cat([b[i] for b in self._outs]).contiguous() for i in range(len(self._outs[0]))}
         tensors["labels"] = torch.cat(self._labels)
         name = f"{self.split}-{self._unit:05d}.safetensors"
-        atomic_write(self.directory / name, tensors_bytes(tensors))
-        self.shards.append({"unit": self._unit, "file": name, "rows": len(tensors["labels"]),
-                            "bytes": (self.directory / name).stat().st_size})
+        data = tensors_bytes(tensors)
+        atomic_write(self.directory / name, data)
+        self.shards.append({"unit": self._unit, "file": name, "rows": len(tensors["labels"]), "bytes": len(data),
+                            "digest": _digest(data)})
         self._outs, self._labels = [], []
 
     def summary(self) -> list[dict]:
@@ -219,18 +318,20 @@ def featurize(
         if tmp is None:
             if dist.main:
                 reporter.info(f"feature cache hit: {final}")
-            return _opened(final)
+            return _opened(final, plan)
         tmp = Path(tmp)
         try:
             threads = decode_threads(data.num_workers, device)
-            part = _write_splits(prepared, plan, splits, _Extractor(extractor, device, cache.dtype), tmp, cache, data,
-                                 threads, reporter)
+            with out_of_memory(f"featurizing (batch {data.batch_size})", "lower data.batch_size"):
+                part = _write_splits(prepared, plan, splits, _Extractor(extractor, device, cache.dtype), tmp, cache, data,
+                                     threads, reporter)
             if dist.enabled:
                 reporter.info(f"{dist}: {sum(s['rows'] for shards in part['splits'].values() for s in shards)} rows")
             parts = distributed.gather(part, "gathering the cache's shards")
             if dist.main:
                 # The manifest is written last: its presence is what marks a cache complete.
-                write_json_atomic(tmp / MANIFEST, {**_manifest(parts, plan, splits), "key": key, "components": components})
+                write_json_atomic(tmp / MANIFEST, {**_manifest(parts, plan, splits), "key": key, "components": components},
+                                  commit=True)
                 _swap_in(tmp, final, reporter)
         except BaseException:
             if dist.main:
@@ -239,7 +340,7 @@ def featurize(
     distributed.barrier("waiting for the cache to be in place")
     if dist.main:
         reporter.info(f"feature cache written: {final}")
-    return _opened(final)
+    return _opened(final, plan)
 
 
 def _start_build(final: Path, key: str, force: bool) -> Optional[str]:
@@ -253,10 +354,23 @@ def _start_build(final: Path, key: str, force: bool) -> Optional[str]:
     return str(tmp)
 
 
-def _opened(final: Path) -> FeatureCache:
+def _opened(final: Path, plan: DataPlan) -> FeatureCache:
     written = open_cache(final)
     assert written is not None, "a cache just written (or found complete) must open"
+    _check_rows(written, plan)
     return written
+
+
+def _check_rows(cache: FeatureCache, plan: DataPlan) -> None:
+    """Every split holds one row per image of the plan, less the images it skipped: a
+    manifest that lies about its rows is damage, caught before anything trains on it."""
+    skipped = set(cache.skipped)
+    for split in cache.manifest["splits"]:
+        expected = sum(1 for source, _ in plan.splits.get(split, []) if str(source) not in skipped)
+        if cache.count(split) != expected:
+            raise cache.damaged(f"split {split} holds {cache.count(split)} rows, the data has {expected} images")
+    if "train" in cache.manifest["splits"]:
+        require_every_class(plan, skipped)
 
 
 def _manifest(parts: list[dict], plan: DataPlan, splits: list[str]) -> dict:
@@ -297,6 +411,7 @@ def _swap_in(tmp: Path, final: Path, reporter: Reporter) -> None:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
+        fsync_directory(final.parent)  # the rename into place is what publishes the cache
 
 
 def _write_splits(prepared: Prepared, plan: DataPlan, splits: list[str], extract: _Extractor, tmp: Path,
@@ -355,6 +470,7 @@ def featurize_recipe(recipe: Recipe, reporter: Reporter = Reporter(), force: boo
         plan = plan_data(recipe.data, digest_index(recipe.cache))
         prepared = prepare(recipe, plan.class_names)
         device = resolve_device(recipe.device)
+        make_deterministic(device)
         distributed.init(device, recipe.distributed.timeout_s)
         stages = recipe.stage_plan()
         hint = size_hint(plan, prepared.preprocess.size)

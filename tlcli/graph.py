@@ -92,14 +92,24 @@ class ModelGraph:
     def output_shapes(self, channels: int, size: int) -> dict[fx.Node, tuple]:
         """Per-node output shapes (batch dimension dropped), from a one-image
         dry run in eval mode."""
-        from torch.fx.passes.shape_prop import ShapeProp
+        shapes: dict[fx.Node, tuple] = {}
+
+        class Recorder(fx.Interpreter):
+            # Not torch's ShapeProp: it prints a traceback of its own before re-raising, and a
+            # shape that does not fit is the recipe's problem, reported by the caller in one line.
+            def run_node(self, n: fx.Node):
+                result = super().run_node(n)
+                if isinstance(result, torch.Tensor):
+                    shapes[n] = tuple(result.shape[1:])
+                return result
 
         was_training = self.module.training
-        with torch.no_grad():
-            ShapeProp(self.module.eval()).propagate(torch.zeros(1, channels, size, size))
-        self.module.train(was_training)
-        return {n: tuple(n.meta["tensor_meta"].shape[1:]) for n in self.module.graph.nodes
-                if hasattr(n.meta.get("tensor_meta"), "shape")}
+        try:
+            with torch.no_grad():
+                Recorder(self.module.eval()).run(torch.zeros(1, channels, size, size))
+        finally:
+            self.module.train(was_training)
+        return shapes
 
     def module_of(self, node: fx.Node) -> Optional[nn.Module]:
         if node.op == "call_module":

@@ -13,7 +13,7 @@ from tlcli.data import class_names_for
 from tlcli.errors import TLError
 from tlcli.graph import format_shape
 from tlcli.recipe import Recipe, load_recipe
-from tlcli.zoo import resolve_device
+from tlcli.device import resolve_device
 
 
 def validate_recipe(recipe: Union[Recipe, Path]) -> None:

@@ -102,6 +102,8 @@ def _decode_file(path: str, channels: int) -> torch.Tensor:
             image = decode_image(read_file(path), mode=ImageReadMode.UNCHANGED)
         except (RuntimeError, ValueError):
             return _decode_with_pil(path, channels)  # PIL tries, and says what is wrong if it can't either
+        if image.ndim == 4:  # an animated GIF or WebP: frames x C x H x W; the first frame, as viewers show it
+            image = image[0]
         if image.dtype == torch.uint16:  # 16-bit PNG: scale, don't truncate
             image = (image.to(torch.int32) * 255 + 32767).div(65535, rounding_mode="floor").to(torch.uint8)
         if image.dtype == torch.uint8 and image.shape[0] in (1, 2, 3, 4):
@@ -160,12 +162,37 @@ def read_image(source: Source, channels: int = 3) -> torch.Tensor:
 
 
 def fit_to_size(image: torch.Tensor, pp: Preprocess) -> torch.Tensor:
-    """Resize (squash) or resize-then-centre-crop to the model's input size, keeping the dtype."""
+    """The image at the model's input size, as timm's eval transforms make it, keeping the dtype:
+    `squash` resizes both edges to `resize` (the aspect ratio is not kept) and crops the centre;
+    `center_crop` resizes the shorter edge to `resize` and crops the centre; `border` resizes
+    the longer edge to `resize` and pads (with the mean colour) or crops to the size."""
     interp = InterpolationMode(pp.interpolation)
     if pp.mode == "squash":
-        return TF.resize(image, [pp.size, pp.size], interpolation=interp, antialias=True)
-    image = TF.resize(image, [pp.resize], interpolation=interp, antialias=True)
+        image = TF.resize(image, [pp.resize, pp.resize], interpolation=interp, antialias=True)
+    elif pp.mode == "border":
+        h, w = image.shape[-2:]
+        scale = pp.resize / max(h, w)
+        image = TF.resize(image, [max(1, round(h * scale)), max(1, round(w * scale))], interpolation=interp, antialias=True)
+        image = _pad_to(image, pp.size, [round(255 * m) if image.dtype == torch.uint8 else m for m in pp.mean])
+    else:
+        image = TF.resize(image, [pp.resize], interpolation=interp, antialias=True)
+    if tuple(image.shape[-2:]) == (pp.size, pp.size):
+        return image
     return TF.center_crop(image, [pp.size, pp.size])
+
+
+def _pad_to(image: torch.Tensor, size: int, fill: list) -> torch.Tensor:
+    """Pad each edge shorter than `size` evenly on both sides (timm's CenterCropOrPad), per channel."""
+    h, w = image.shape[-2:]
+    top, left = max(size - h, 0) // 2, max(size - w, 0) // 2
+    bottom, right = max(size - h, 0) - top, max(size - w, 0) - left
+    if not (top or bottom or left or right):
+        return image
+    out = torch.empty((*image.shape[:-2], h + top + bottom, w + left + right), dtype=image.dtype)
+    for c in range(out.shape[-3]):
+        out[..., c, :, :] = fill[c] if c < len(fill) else fill[0]
+    out[..., top : top + h, left : left + w] = image
+    return out
 
 
 def load_sized(source: Source, pp: Preprocess) -> torch.Tensor:

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tlcli.text import printable
+
 
 def _pyplot():
     import matplotlib
@@ -63,7 +65,7 @@ def plot_confusion(matrix: np.ndarray, class_names: list[str], out: Path, accura
     plt = _pyplot()
     size = max(5, 0.5 * len(class_names) + 3)
     fig, ax = plt.subplots(figsize=(size, size))
-    ConfusionMatrixDisplay(matrix, display_labels=class_names).plot(ax=ax, cmap="Blues", colorbar=False)
+    ConfusionMatrixDisplay(matrix, display_labels=[printable(c) for c in class_names]).plot(ax=ax, cmap="Blues", colorbar=False)
     ax.set_title(f"test accuracy {accuracy:.4f}")
     fig.tight_layout()
     fig.savefig(out, dpi=100)
@@ -90,7 +92,7 @@ def plot_top_losses(items: list[dict], out: Path, columns: int = 4) -> None:
         image = item["image"]
         ax.imshow(image, cmap="gray" if image.ndim == 2 else None, interpolation="nearest",
                   vmin=0, vmax=255 if image.dtype == np.uint8 else 1)
-        ax.set_title(f"true {item['true']}\npred {item['predicted']} ({item['probability']:.2f})\n"
+        ax.set_title(f"true {printable(item['true'])}\npred {printable(item['predicted'])} ({item['probability']:.2f})\n"
                      f"loss {item['loss']:.2f}", fontsize=10)
     fig.suptitle("top losses: most confidently wrong test images", fontsize=12)
     fig.savefig(out, dpi=100)

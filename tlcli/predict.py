@@ -17,10 +17,10 @@ import torch
 from tlcli.checkpoint import load_checkpoint
 from tlcli.data import image_files
 from tlcli.evaluate import model_logits
-from tlcli.files import write_text_atomic
+from tlcli.files import claim_outputs, write_text_atomic
 from tlcli.progress import Reporter
 from tlcli.rundir import find_run
-from tlcli.zoo import resolve_device
+from tlcli.device import device_for
 
 
 @dataclass
@@ -52,13 +52,14 @@ class PredictResult:
 
 def predict(target: Optional[Path], patterns: list[str], top_k: int = 5, reporter: Reporter = Reporter(),
             device_spec: Optional[str] = None, overrides: tuple[str, ...] = (),
-            csv_path: Optional[Path] = None) -> PredictResult:
+            csv_path: Optional[Path] = None, force: bool = False) -> PredictResult:
+    if csv_path is not None:
+        claim_outputs([Path(csv_path)], force)  # before any work: a refusal costs nothing
     run = find_run(Path(target) if target is not None else None, overrides)
     ckpt = load_checkpoint(run.path)
     recipe = run.read_recipe(overrides)
     files = image_files(patterns)
-    with recipe.located():
-        device = resolve_device(device_spec or recipe.device)
+    device = device_for(recipe, device_spec)
     # Labels are file indices: they say which file each row is, even when some are skipped.
     pairs = [(path, i) for i, path in enumerate(files)]
     scored = model_logits(ckpt.model, pairs, ckpt.preprocess, recipe.data.batch_size, recipe.data.num_workers,

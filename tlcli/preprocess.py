@@ -13,8 +13,10 @@ from typing import Optional
 
 @dataclass(frozen=True)
 class Preprocess:
-    """mode `squash` resizes the whole image to size x size; `center_crop`
-    resizes the shorter side to `resize` and crops the centre size x size."""
+    """The modes are timm's eval crop modes. `squash` resizes both edges to `resize` (the
+    aspect ratio is not kept) and crops the centre size x size; `center_crop` resizes the
+    shorter edge to `resize` and crops the centre; `border` resizes the longer edge to
+    `resize` and pads with the mean colour (or crops) to size x size."""
 
     size: int
     resize: int

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import re
 import types
 import typing
@@ -19,11 +20,13 @@ from typing import Annotated, Any, Literal, Optional, Sequence, Union
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
     PrivateAttr,
     ValidationError,
+    ValidationInfo,
     create_model,
     field_validator,
     model_validator,
@@ -36,6 +39,64 @@ class Strict(BaseModel):
     # No inf or nan anywhere: `lr: .inf` validated and then trained to NaN.
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _numbers_are_not_booleans(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic reads `lr: true` as 1.0 and `epochs: yes` as 1: a number field takes numbers only.
+        field = cls.model_fields.get(info.field_name) if info.field_name else None
+        if field is not None and _is_numeric(field.annotation) and _has_boolean(value):
+            raise ValueError(f"{str(_has_boolean(value)[0]).lower()} is a boolean; this takes a number")
+        return value
+
+
+def _is_numeric(annotation: Any) -> bool:
+    """int or float somewhere in the annotation (through Optional, Union, Annotated, list,
+    tuple, dict values), and no bool: the fields a boolean must not silently become."""
+    found: set = set()
+
+    def walk(a: Any) -> None:
+        if a in (int, float, bool):
+            found.add(a)
+        elif isinstance(a, type) and issubclass(a, BaseModel):
+            return  # a section validates its own fields
+        for arg in typing.get_args(a):
+            walk(arg)
+
+    walk(annotation)
+    return bool(found & {int, float}) and bool not in found
+
+
+def _has_boolean(value: Any) -> list:
+    """[the first boolean] found in a value or inside its lists and mappings, else []."""
+    if isinstance(value, bool):
+        return [value]
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
+    for item in items:
+        found = _has_boolean(item)
+        if found:
+            return found
+    return []
+
+
+def _expand_user(value: Optional[str]) -> Optional[str]:
+    # `~` is expanded once, here: the path tl uses and the path it records are then the same
+    # (a folder literally named `~` was written while the saved recipe named $HOME).
+    return None if value is None else os.path.expanduser(value)
+
+
+# A path the user writes; `~` means their home directory everywhere tl uses it.
+UserPath = Annotated[str, AfterValidator(_expand_user)]
+
+
+def _own_directory(value: str, what: str) -> str:
+    # '' and '.' would make the working directory (often the recipe's own folder) tl's.
+    if value.strip() in ("", ".", "./") or Path(value) == Path("."):
+        raise ValueError(f"must name a directory of its own for {what}, not '' or '.'")
+    return value
+
+
+# What `device:` (and `--device`) may say; whether that device is here is checked where it is used.
+DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?|mps"
 
 # Seeds feed numpy's RandomState and torch generators: both take 32-bit-safe values.
 Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
@@ -49,7 +110,7 @@ class WeightsSpec(Strict):
     """
 
     name: Optional[str] = None
-    file: Optional[str] = None
+    file: Optional[UserPath] = None
     sha256: Optional[str] = None
 
     @model_validator(mode="before")
@@ -89,7 +150,7 @@ class BaseSpec(Strict):
     zoo: Optional[Literal["timm", "torchvision", "tl"]] = None
     model: Optional[str] = Field(default=None, min_length=1)
     weights: Optional[WeightsSpec] = None
-    checkpoint: Optional[str] = Field(default=None, min_length=1)
+    checkpoint: Optional[UserPath] = Field(default=None, min_length=1)
     # Only the spatial size can be overridden (smoke runs on small images); mean,
     # std and interpolation always come from the model's own config.
     input_size: Optional[int] = Field(default=None, ge=8, le=1024)
@@ -134,7 +195,7 @@ class SplitSpec(Strict):
 
 class DataSpec(Strict):
     dataset: Optional[Literal["digits", "flowers"]] = None
-    imagefolder: Optional[str] = None
+    imagefolder: Optional[UserPath] = Field(default=None, min_length=1)
     # Where `dataset: flowers` downloads from (a mirror; tests use a local server), and the
     # archive's sha256 there; without url, the official archive and its pinned sha256.
     url: Optional[str] = None
@@ -177,6 +238,10 @@ class DataSpec(Strict):
             raise ValueError("'url' only applies to 'dataset: flowers'")
         if self.sha256 and not self.url:
             raise ValueError("'sha256' goes with 'url' (the official archive's sha256 is pinned)")
+        if self.url and not self.sha256:
+            raise ValueError("a mirror 'url' needs the archive's 'sha256': nothing unpinned is trained on")
+        if self.url and not re.match(r"https://|http://(127\.0\.0\.1|localhost|\[::1\])[:/]", self.url):
+            raise ValueError("'url' must be https (plain http only from a loopback address)")
         return self
 
 
@@ -414,7 +479,7 @@ class AugmentSpec(Strict):
 # A stage overrides any fine_tune field; the rest come from the recipe's fine_tune.
 FineTuneOverride = create_model(
     "FineTuneOverride",
-    __config__=ConfigDict(extra="forbid", frozen=True),
+    __base__=Strict,
     # Each field keeps its own constraints (lr > 0, ...), so a bad override is
     # reported at the stage's line like any other schema error.
     **{
@@ -465,7 +530,7 @@ def merged_fine_tune(base: "FineTuneSpec", spec: "StageSpec") -> "FineTuneSpec":
 
 
 class CacheSpec(Strict):
-    dir: str = ".tl-cache"
+    dir: UserPath = ".tl-cache"
     # float32 keeps cached features bit-comparable with the full model;
     # bfloat16 runs the frozen part under autocast and halves the cache.
     dtype: Literal["float32", "bfloat16"] = "float32"
@@ -473,6 +538,11 @@ class CacheSpec(Strict):
     # A cache stage whose train and val rows fit in this many MiB (as float32)
     # loads them onto the device once and runs every epoch from memory.
     memory_mib: int = Field(default=2048, ge=0, le=16 * 2**20)
+
+    @field_validator("dir")
+    @classmethod
+    def _a_directory_of_its_own(cls, value: str) -> str:
+        return _own_directory(value, "the cache (e.g. .tl-cache)")
 
 
 class DistributedSpec(Strict):
@@ -500,23 +570,19 @@ class Recipe(Strict):
     cache: CacheSpec = CacheSpec()
     distributed: DistributedSpec = DistributedSpec()
     device: str = "auto"
-    output_dir: str
+    output_dir: UserPath
 
     _source: Optional["RecipeSource"] = PrivateAttr(default=None)
 
     @field_validator("output_dir")
     @classmethod
     def _a_directory_of_its_own(cls, value: str) -> str:
-        # fit starts over in output_dir: "" or "." would make the working
-        # directory (often the recipe's own folder) the run directory.
-        if value.strip() in ("", ".", "./") or Path(value).expanduser() == Path("."):
-            raise ValueError("must name a directory of its own for the run (e.g. runs/NAME), not '' or '.'")
-        return value
+        return _own_directory(value, "the run (e.g. runs/NAME)")
 
     @field_validator("device")
     @classmethod
     def _device(cls, value: str) -> str:
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", value):
+        if not re.fullmatch(DEVICE_PATTERN, value):
             raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
         return value
 
@@ -597,6 +663,7 @@ class RecipeSource:
         self.root = root
         # Paths set on the command line (KEY=VALUE): their problems name the override, not a line.
         self.overrides = overrides or {}
+        self._override_keys = {tuple(str(p) for p in path): key for path, key in self.overrides.items()}
 
     def line_of(self, loc: tuple) -> Optional[int]:
         node = self.root
@@ -618,9 +685,13 @@ class RecipeSource:
 
     def problem(self, loc: tuple, message: str) -> Problem:
         dotted = ".".join(str(p) for p in loc)
-        for path, key in self.overrides.items():
-            if tuple(str(p) for p in loc[: len(path)]) == tuple(str(p) for p in path):
-                return Problem(f"override {key}", None, dotted if len(loc) > len(path) else "", message)
+        # The most specific override that set this path or a section above it; a dict
+        # lookup per prefix, so that thousands of overrides stay linear.
+        parts = tuple(str(p) for p in loc)
+        for n in range(len(parts), 0, -1):
+            key = self._override_keys.get(parts[:n])
+            if key is not None:
+                return Problem(f"override {key}", None, dotted if len(loc) > n else "", message)
         return Problem(self.name, self.line_of(loc), dotted, message)
 
 
@@ -688,16 +759,18 @@ def _duplicate_keys(node: yaml.MappingNode, name: str) -> list[Problem]:
     return problems
 
 
-def parse_recipe(text: str, name: str = "recipe.yaml", overrides: Sequence[str] = ()) -> Recipe:
+def _read_yaml(text: str, name: str) -> tuple[Optional[yaml.Node], Any]:
+    """The node tree and the data of one YAML document, within the recipe's bounds (size,
+    nodes after aliases, depth, NUL bytes, duplicate keys): a recipe file and every
+    override value go through here, so no input can take minutes or gigabytes to read."""
     if len(text.encode("utf-8", "surrogatepass")) > MAX_RECIPE_BYTES:
-        raise RecipeError([Problem(name, None, "", f"the recipe file is over {MAX_RECIPE_BYTES // 1024} KiB; "
-                                                   "refusing to read it")])
+        raise RecipeError([Problem(name, None, "", f"over {MAX_RECIPE_BYTES // 1024} KiB; refusing to read it")])
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
         problems = _walk_nodes(root, name) if root is not None else []
         if problems:
             raise RecipeError(problems)
-        data = yaml.safe_load(text)
+        return root, yaml.safe_load(text)
     except RecursionError:
         raise RecipeError([Problem(name, None, "", f"YAML nested deeper than {MAX_DEPTH} levels")]) from None
     except yaml.MarkedYAMLError as err:
@@ -708,6 +781,27 @@ def parse_recipe(text: str, name: str = "recipe.yaml", overrides: Sequence[str] 
         position = getattr(err, "position", None)
         line = text[:position].count("\n") + 1 if isinstance(position, int) else None
         raise RecipeError([Problem(name, line, "", f"YAML error: {str(err).splitlines()[0]}")]) from None
+
+
+def _bounded_yaml(value: str, name: str) -> Any:
+    """An override's VALUE, parsed as YAML within the same bounds as a recipe file; no line numbers."""
+    if not value.strip():
+        return None
+    try:
+        return _read_yaml(value, name)[1]
+    except RecipeError as err:
+        raise RecipeError([Problem(p.file, None, p.path, p.message.replace("YAML syntax error", "VALUE is not YAML")
+                                   .replace("YAML error", "VALUE is not YAML")) for p in err.problems]) from None
+
+
+def _shown(text: str, limit: int = 80) -> str:
+    """A user's text in a message: shortened, and with undecodable bytes made visible."""
+    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def parse_recipe(text: str, name: str = "recipe.yaml", overrides: Sequence[str] = ()) -> Recipe:
+    root, data = _read_yaml(text, name)
     if not isinstance(data, dict):
         raise RecipeError([Problem(name, 1, "", "a recipe is a YAML mapping with base, data, output_dir, ...")])
     source = RecipeSource(name, root, apply_overrides(data, overrides))
@@ -837,16 +931,21 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict[tuple, str]:
     a list (`stages.1.fine_tune.lr=1e-4`). Returns each path set, with the key as written,
     so that a problem there names the override. Malformed overrides are all reported at once."""
     problems, paths = [], {}
+    total = sum(len(item.encode("utf-8", "surrogateescape")) for item in overrides)
+    if total > MAX_RECIPE_BYTES:
+        raise RecipeError([Problem("overrides", None, "", f"the overrides add up to over {MAX_RECIPE_BYTES // 1024} KiB; "
+                                                          "refusing to read them")])
     for item in overrides:
         key, eq, value = item.partition("=")
         parts = tuple(int(p) if p.isdigit() else p for p in key.strip().split("."))
         if not eq or not all(str(p) for p in parts):
-            problems.append(Problem(f"override {item}", None, "", "expected KEY=VALUE with a dotted KEY, e.g. fine_tune.lr=0.01"))
+            problems.append(Problem(f"override {_shown(item)}", None, "",
+                                    "expected KEY=VALUE with a dotted KEY, e.g. fine_tune.lr=0.01"))
             continue
         try:
-            parsed = yaml.safe_load(value) if value.strip() else None
-        except yaml.YAMLError as err:
-            problems.append(Problem(f"override {key}", None, "", f"VALUE is not YAML: {str(err).splitlines()[0]}"))
+            parsed = _bounded_yaml(value, f"override {key}")
+        except RecipeError as err:
+            problems.extend(err.problems)
             continue
         error = _set_path(data, parts, parsed)
         if error:

@@ -11,6 +11,7 @@ import html
 from pathlib import Path
 
 from tlcli.files import write_text_atomic
+from tlcli.text import printable
 from tlcli.rundir import CURVES, EVAL_CONFUSION_PLOT, EVAL_TOP_LOSSES, RECIPE, RunDir
 
 STYLE = """
@@ -68,4 +69,4 @@ def write_report(path: Path, run: RunDir, metrics: dict, losses: list[dict], eva
 <h2>Recipe</h2><pre>{html.escape(recipe)}</pre>
 </body></html>
 """
-    write_text_atomic(path, page)
+    write_text_atomic(path, printable(page))  # the page is UTF-8, whatever the file names were

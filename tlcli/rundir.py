@@ -10,7 +10,11 @@
       model.safetensors    the full state dict, frozen part included
       checkpoint.json      written last: its presence marks a finished run
       eval/                what `tl evaluate` writes
+      model.onnx, model.pt what `tl export` writes when no -o is given (each with a .json beside it)
       tl-run.lock          flock-ed by the fit writing the run
+
+Only the marker makes a directory tl's: a directory without it is the user's,
+whatever names it holds, and tl neither writes into it nor offers `--force` for it.
 
 Every write is atomic (`files.atomic_write`). The JSON files are parsed with
 pydantic models, so a damaged run is one line that names the file.
@@ -24,7 +28,7 @@ import shutil
 from pathlib import Path
 from typing import Annotated, Any, Iterator, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tlcli import __version__
 from tlcli.errors import RunError
@@ -46,45 +50,78 @@ EVAL_CONFUSION = "confusion_matrix.json"
 EVAL_CONFUSION_PLOT = "confusion_matrix.png"
 EVAL_TOP_LOSSES = "top_losses.png"
 EVAL_REPORT = "report.html"
+# `tl export` without -o writes into the run; the run owns these names, so `fit --force` removes them.
+EXPORTS = {"onnx": "model.onnx", "torchscript": "model.pt"}
 # In the working directory: which run the last `tl fit` here finished, for a bare `tl evaluate`.
 LAST_RUN = Path(".tl") / "last-run.json"
 # What `fit --force` may delete: only what tl itself writes into a run directory.
-OWNED = (MARKER, RECIPE, METRICS, TIMINGS, CURVES, WEIGHTS, CHECKPOINT, RESUME, EVAL)
+OWNED = (MARKER, RECIPE, METRICS, TIMINGS, CURVES, WEIGHTS, CHECKPOINT, RESUME, EVAL,
+         *EXPORTS.values(), *(f"{name}.json" for name in EXPORTS.values()))
 
 
 class _Record(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    # Read back from disk: bounded, and never NaN or inf (json.loads accepts both).
+    model_config = ConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)
+
+
+Count = Annotated[int, Field(ge=0, le=10**9)]
 
 
 class StageSummary(_Record):
     """What one finished stage did."""
 
     name: str
-    input: str
+    input: Literal["cache", "images"]
     frontier: list[str]
-    epochs_run: int
-    best_epoch: Optional[int] = None
-    trainable_params: int
+    epochs_run: Count
+    best_epoch: Optional[Count] = None
+    trainable_params: Count
     optimizer: Optional[str] = None  # what `auto` resolved to
-    l2: Optional[float] = None  # the probe fit's L2, when chosen on val
+    l2: Optional[Annotated[float, Field(gt=0, le=1e6)]] = None  # the probe fit's L2, when chosen on val
 
 
 class ResumeState(_Record):
     """The last finished epoch of an interrupted run (epoch 0: the stage has not started)."""
 
-    stage: int
-    epoch: int
-    rows: int
+    stage: Count
+    epoch: Count
+    rows: Count
     best_value: Optional[float] = None
-    best_epoch: int = 0
-    bad_epochs: int = 0
+    best_epoch: Count = 0
+    bad_epochs: Count = 0
     stopped: bool = False
     summaries: list[StageSummary] = []
-    files: dict[str, str] = {}
+    files: dict[Literal["model", "best", "optim"], str] = {}
     # The model file holds only tensors some stage trains; this hash pins the rest
     # (rebuilt from the recipe on resume) so that changed base weights are noticed.
     frozen_hash: Optional[str] = None
-    l2: Optional[float] = None  # the probe fit's L2, chosen once per stage
+    l2: Optional[Annotated[float, Field(gt=0, le=1e6)]] = None  # the probe fit's L2, chosen once per stage
+
+    def problems(self, stages: list[tuple[str, int]], logged: list[dict]) -> list[str]:
+        """What in this state the run cannot have written: `stages` are the recipe's
+        (name, epochs), `logged` the rows of metrics.jsonl. Empty when it is consistent."""
+        found = []
+        if self.stage > len(stages):
+            return [f"stage {self.stage} of a recipe with {len(stages)} stage(s)"]
+        if len(self.summaries) != self.stage:
+            found.append(f"{len(self.summaries)} finished stage(s) recorded at stage {self.stage}")
+        for i, (summary, (name, epochs)) in enumerate(zip(self.summaries, stages)):
+            if summary.name != name or not 1 <= summary.epochs_run <= epochs:
+                found.append(f"stage {i + 1} recorded as {summary.name!r} with {summary.epochs_run} epochs "
+                             f"(the recipe: {name!r}, at most {epochs})")
+        limit = stages[self.stage][1] if self.stage < len(stages) else 0
+        if self.epoch > limit:
+            found.append(f"epoch {self.epoch} of a stage with {limit} epoch(s)")
+        if self.best_epoch > self.epoch or self.bad_epochs > self.epoch:
+            found.append(f"best epoch {self.best_epoch} / bad epochs {self.bad_epochs} after epoch {self.epoch}")
+        expected = sum(s.epochs_run for s in self.summaries) + self.epoch
+        if self.rows != expected:
+            found.append(f"rows {self.rows}, but the stages so far ran {expected} epoch(s)")
+        elif len(logged) < self.rows:
+            found.append(f"{METRICS} has {len(logged)} row(s), the state {self.rows}")
+        if "model" not in self.files or (self.epoch > 0 and "optim" not in self.files):
+            found.append(f"the files it names ({', '.join(self.files) or 'none'}) lack the model or the optimizer")
+        return found
 
 
 class PreprocessRecord(_Record):
@@ -92,11 +129,17 @@ class PreprocessRecord(_Record):
 
     size: int = Field(ge=1, le=4096)
     resize: int = Field(ge=1, le=8192)
-    mode: Literal["squash", "center_crop"]
-    mean: tuple[float, ...] = Field(min_length=1, max_length=3)
-    std: tuple[Annotated[float, Field(gt=0)], ...] = Field(min_length=1, max_length=3)
+    mode: Literal["squash", "center_crop", "border"]
+    mean: tuple[Annotated[float, Field(ge=-1e3, le=1e3)], ...] = Field(min_length=1, max_length=3)
+    std: tuple[Annotated[float, Field(gt=0, le=1e3)], ...] = Field(min_length=1, max_length=3)
     interpolation: Literal["nearest", "nearest-exact", "bilinear", "bicubic", "box", "hamming", "lanczos"]
     channels: Literal[1, 3] = 3
+
+    @model_validator(mode="after")
+    def _one_value_per_channel(self) -> "PreprocessRecord":
+        if len(self.mean) != len(self.std) or len(self.mean) not in (1, self.channels):
+            raise ValueError(f"mean and std need one value per channel ({self.channels})")
+        return self
 
 
 class CheckpointMeta(_Record):
@@ -104,7 +147,7 @@ class CheckpointMeta(_Record):
 
     model: str
     head_layer: Optional[str]
-    class_names: list[str]
+    class_names: list[str] = Field(min_length=2, max_length=1_000_000)
     preprocess: PreprocessRecord
     frontier: list[str]
     cache_key: Optional[str]
@@ -115,6 +158,13 @@ class CheckpointMeta(_Record):
     skipped_images: list[str] = []  # undecodable files left out (data.on_bad_image: skip)
     decoder: Optional[str] = None  # what decoded the training JPEGs (nvjpeg and libjpeg-turbo differ by +-1)
     tl_version: str = __version__
+
+    @field_validator("class_names")
+    @classmethod
+    def _distinct(cls, names: list[str]) -> list[str]:
+        if len(set(names)) != len(names):
+            raise ValueError("a class name appears twice")
+        return names
 
 
 def _parse(model: type[_Record], path: Path) -> Any:
@@ -156,11 +206,16 @@ class RunDir:
     # -- state
 
     def is_run(self) -> bool:
-        """A directory tl wrote: the marker, or (runs from before it) a checkpoint or resume state."""
-        return any((self.path / name).exists() for name in (MARKER, CHECKPOINT, f"{RESUME}/{STATE}"))
+        """A directory tl wrote: it carries tl's marker. Nothing else counts, not even a
+        `checkpoint.json`: a user's folder may hold files with tl's names."""
+        try:
+            marker = json.loads((self.path / MARKER).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        return isinstance(marker, dict) and isinstance(marker.get("tl_version"), str)
 
     def finished(self) -> bool:
-        return (self.path / CHECKPOINT).is_file()
+        return self.is_run() and (self.path / CHECKPOINT).is_file()
 
     def _foreign(self) -> bool:
         if not self.path.exists():
@@ -180,8 +235,10 @@ class RunDir:
                                "wait for it to finish, or choose another output_dir")
             yield
 
-    def check_for_fit(self, recipe_text: str, force: bool, resume: bool) -> Optional[ResumeState]:
-        """Check, writing nothing, that fit may use this directory; the state to resume, if resuming.
+    def check_for_fit(self, recipe_text: str, force: bool, resume: bool,
+                      stages: list[tuple[str, int]]) -> Optional[ResumeState]:
+        """Check, writing nothing, that fit may use this directory; the state to resume, if resuming
+        (`stages`: the recipe's (name, epochs), which bound what a resume state may say).
 
         Refuses, even with --force, a path that is a file or a non-empty
         directory tl did not write: --force replaces tl's own runs only."""
@@ -192,6 +249,10 @@ class RunDir:
         state = self.read_resume()
         if resume:
             self._check_resumable(state, recipe_text)
+            found = state.problems(stages, self._logged())
+            if found:
+                raise RunError(f"{self.path / RESUME / STATE}: damaged ({'; '.join(found)}); "
+                               "fit again with --force")
             return state
         if not force:
             if self.finished():
@@ -222,7 +283,7 @@ class RunDir:
             else:
                 p.unlink(missing_ok=True)
         self.path.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.path / MARKER, {"tl_version": __version__})
+        write_json_atomic(self.path / MARKER, {"tl_version": __version__}, commit=True)
         write_text_atomic(self.path / RECIPE, recipe_text)
         for name in (METRICS, TIMINGS):
             write_text_atomic(self.path / name, "")
@@ -240,6 +301,19 @@ class RunDir:
 
     def metrics(self) -> list[dict]:
         return [json.loads(line) for line in (self.path / METRICS).read_text().splitlines() if line.strip()]
+
+    def _logged(self) -> list[dict]:
+        """metrics.jsonl's rows for a resume check: missing or damaged is the run's damage."""
+        path = self.path / METRICS
+        try:
+            rows = self.metrics()
+        except FileNotFoundError:
+            raise RunError(f"{path}: missing; the interrupted run cannot be resumed, fit again with --force") from None
+        except (OSError, ValueError) as err:
+            raise RunError(f"{path}: damaged ({err}); fit again with --force") from None
+        if not all(isinstance(r, dict) for r in rows):
+            raise RunError(f"{path}: damaged (a row is not a JSON object); fit again with --force")
+        return rows
 
     # -- resume state
 
@@ -270,7 +344,7 @@ class RunDir:
         for kind, obj in objects.items():
             files[kind] = f"{kind}-{tag}.pt"
             atomic_write(d / files[kind], torch_bytes(obj))
-        write_json_atomic(d / STATE, state.model_copy(update={"files": files}).model_dump(mode="json"))
+        write_json_atomic(d / STATE, state.model_copy(update={"files": files}).model_dump(mode="json"), commit=True)
         for f in d.iterdir():
             if f.name != STATE and f.name not in files.values():
                 f.unlink(missing_ok=True)
@@ -294,10 +368,16 @@ class RunDir:
     def save_checkpoint(self, state: dict, meta: CheckpointMeta) -> None:
         """Weights first, then `checkpoint.json`; then the resume state goes."""
         atomic_write(self.path / WEIGHTS, tensors_bytes(state))
-        write_json_atomic(self.path / CHECKPOINT, meta.model_dump(mode="json"))
+        write_json_atomic(self.path / CHECKPOINT, meta.model_dump(mode="json"), commit=True)
         shutil.rmtree(self.path / RESUME, ignore_errors=True)
 
     def read_meta(self) -> CheckpointMeta:
+        if not self.path.exists():
+            raise RunError(f"{self.path}: no finished run here (the directory does not exist); run `tl fit` first")
+        if not self.path.is_dir():
+            raise RunError(f"{self.path}: not a directory; give a run directory or a recipe")
+        if not self.is_run():
+            raise RunError(f"{self.path}: not a tl run directory (no {MARKER}); give the output_dir of a `tl fit`")
         if not self.finished():
             raise RunError(f"{self.path}: no finished run here ({CHECKPOINT} is missing); run `tl fit` first")
         return _parse(CheckpointMeta, self.path / CHECKPOINT)
@@ -311,6 +391,10 @@ class RunDir:
 
     def weights(self) -> dict:
         return _load_safetensors(self.path / WEIGHTS)
+
+    def export_path(self, fmt: str) -> Path:
+        """Where `tl export` writes by default: inside the run, under a name the run owns."""
+        return self.path / EXPORTS[fmt]
 
     def eval_dir(self, name: Optional[str] = None) -> Path:
         """eval/ for the run's own test split; eval/NAME/ for another data set."""
@@ -348,13 +432,12 @@ def find_run(target: Optional[Path], overrides: tuple[str, ...] = ()) -> RunDir:
 
 
 def _load_safetensors(path: Path) -> dict:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from tlcli.weights import read_tensors, require_sound
 
-    try:
-        return load_file(str(path))
-    except (OSError, SafetensorError) as err:
-        raise RunError(f"{path}: damaged or unreadable ({err}); fit the run again with --force") from None
+    advice = "; fit the run again with --force"
+    state = read_tensors(path, RunError, advice)
+    require_sound(state, None, path, RunError, advice)
+    return state
 
 
 class FollowerRun(RunDir):

@@ -322,6 +322,24 @@ class Surgeon:
         if spec.activation is not None:
             self._insert(f"{spec.name}_act", ACTIVATIONS[spec.activation](), (node,), after=node)
         self.graph.refresh()
+        self._check_runs(spec, [shapes.get(n) for n in inputs])
+
+    def _check_runs(self, spec: AddSpec, in_shapes: list) -> None:
+        """A dry run with the new layer: one that cannot run on its input's shape (a pooling
+        kernel larger than the feature map) is this operation's problem, named with the shapes."""
+        try:
+            self.shapes()
+        except Exception as err:  # torch raises RuntimeError, ValueError or IndexError for shape problems
+            reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+            got = ", ".join(format_shape(s) for s in in_shapes)
+            # Taken out again, so that the operations after this one are checked on a graph that runs.
+            for name in (f"{spec.name}_act", spec.name):
+                node = self.graph.by_name.get(name)
+                if node is not None and not node.users:
+                    self.graph.module.graph.erase_node(node)
+                    self.graph.module.delete_submodule(name)
+            self.graph.refresh()
+            self.fail(("add",), f"'{spec.name}' ({spec.type}) cannot run on its input of shape {got}: {reason}")
 
     def _insert(self, name: str, module: nn.Module, inputs: tuple, after: fx.Node) -> fx.Node:
         self.set_module(name, module)

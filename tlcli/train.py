@@ -31,8 +31,8 @@ from torch import nn
 from tlcli import distributed
 from tlcli.build import Prepared, prepare
 from tlcli.checkpoint import save_checkpoint
-from tlcli.data import DataPlan, plan_data, size_hint
-from tlcli.errors import RunError, SpecError
+from tlcli.data import DataPlan, require_every_class, plan_data, size_hint
+from tlcli.errors import RunError, SpecError, out_of_memory
 from tlcli.features import FeatureCache, digest_index, featurize, hash_tensors, read_lock, splits_read_by
 from tlcli.files import file_lock
 from tlcli.optim import make_optimizer, make_scheduler
@@ -43,7 +43,7 @@ from tlcli.progress import Reporter
 from tlcli.recipe import (CacheSpec, DataSpec, DistributedSpec, EarlyStopping as EarlyStoppingSpec, FineTuneSpec, Recipe,
                           Stage, dump_recipe)
 from tlcli.rundir import CURVES, CheckpointMeta, FollowerRun, ResumeState, RunDir, StageSummary
-from tlcli.zoo import resolve_device
+from tlcli.device import make_deterministic, resolve_device
 
 Batches = Iterator[tuple[list[torch.Tensor], torch.Tensor]]
 
@@ -147,8 +147,7 @@ class StageModel:
             if device.type != "cuda":
                 raise SpecError([(("distributed", "sync_batchnorm"), "SyncBatchNorm runs on CUDA only; "
                                   "set it to false on the CPU")])
-            # The converted layers share their parameters and buffers with the model's own.
-            self.trainable = nn.SyncBatchNorm.convert_sync_batchnorm(self.trainable)
+            use_sync_batchnorm(self.transfer.net, self.trainable, self.transfer.frozen_modules)
         with distributed.collective(f"starting stage {stage.name} under DistributedDataParallel"):
             self.ddp = DistributedDataParallel(self.trainable, device_ids=[device.index] if device.type == "cuda" else None)
 
@@ -170,6 +169,23 @@ class StageModel:
         if self.ddp is not None and self.training:
             return self.ddp(*inputs)
         return self.trainable(*inputs)
+
+
+def use_sync_batchnorm(net: nn.Module, trainable: nn.Module, frozen_modules: list[str]) -> list[str]:
+    """Every trainable BatchNorm becomes a SyncBatchNorm (statistics over the global batch),
+    placed in the full model *and* in the trainable part, so that one module object serves both
+    and `train()` on the model switches it. (A converted copy in the trainable part alone stayed
+    in eval mode: it trained nothing.) Frozen BatchNorm is left as it is. Returns the names."""
+    frozen = tuple(frozen_modules)
+    names = [name for name, m in trainable.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+             and not isinstance(m, nn.SyncBatchNorm) and name not in frozen
+             and not name.startswith(tuple(f + "." for f in frozen))]
+    for name in names:
+        # convert_sync_batchnorm of a lone BN returns a new module that shares its parameters and buffers.
+        sync = nn.SyncBatchNorm.convert_sync_batchnorm(trainable.get_submodule(name))
+        trainable.set_submodule(name, sync)
+        net.set_submodule(name, sync)
+    return names
 
 
 def run_epoch(model, batches: Batches, device, optimizer=None, scheduler=None, ft: FineTuneSpec | None = None,
@@ -448,12 +464,19 @@ def _one_epoch(ctx: FitContext, sr: StageRun, epoch: int) -> dict:
     else:
         train = run_epoch(sr.model, sr.train_batches(torch.Generator().manual_seed(seed)), ctx.device,
                           sr.optimizer, sr.scheduler, ft, over_ranks=sr.sharded)
+    if sr.stage.input == "images" and ctx.data.on_bad_image == "skip":
+        _check_no_class_lost(ctx)
     ctx.hooks.on_train_epoch_end(sr.stage, epoch, sr.model)
     row = {"stage": sr.stage.name, "epoch": epoch, "train_loss": train["loss"], "train_acc": train["acc"], "lr": lr}
     if sr.val_batches is not None:
         val = run_epoch(sr.model, sr.val_batches(), ctx.device, over_ranks=sr.sharded)
         row.update(val_loss=val["loss"], val_acc=val["acc"])
     return row
+
+
+def _check_no_class_lost(ctx: FitContext) -> None:
+    """A class whose every train image was skipped would train a head that never saw it."""
+    require_every_class(ctx.plan, set().union(*distributed.gather(sorted(ctx.skipped), "gathering skipped images")))
 
 
 def _restore_stage(ctx: FitContext, sr: StageRun, es: EarlyStopping, state: Optional[ResumeState]) -> int:
@@ -572,10 +595,12 @@ def fit(recipe: Recipe, reporter: Reporter = Reporter(), force: bool = False, re
     with recipe.located():
         _check_output_dir(recipe)
     # Every check is read-only and comes first: a bad recipe or data set creates nothing.
-    run.check_for_fit(recipe_text, force, resume)
     stages = recipe.stage_plan()
+    stage_epochs = [(s.name, s.fine_tune.epochs) for s in stages]
+    run.check_for_fit(recipe_text, force, resume, stage_epochs)
     with recipe.located():
         device = resolve_device(recipe.device)
+        make_deterministic(device)
         plan = plan_data(recipe.data, digest_index(recipe.cache))
         prepared = prepare(recipe, plan.class_names)
         _check_plan(stages, plan)
@@ -591,7 +616,7 @@ def fit(recipe: Recipe, reporter: Reporter = Reporter(), force: bool = False, re
     distributed.barrier("checking the run directory")
     with run.exclusive():
         # Again under the lock: another fit may have finished or started in between.
-        state = run.check_for_fit(recipe_text, force, resume) if dist.main else None
+        state = run.check_for_fit(recipe_text, force, resume, stage_epochs) if dist.main else None
         state = distributed.broadcast(state, "reading the resume state")
         return _fit_locked(ctx, recipe, recipe_text, state, started)
 
@@ -665,7 +690,11 @@ def _fit_stages(ctx: FitContext, stages: list[Stage], state: Optional[ResumeStat
     cache_key = None
     for stage in stages[state.stage if state else 0:]:
         here = state if state is not None and state.stage == stage.index else None
-        rows, row, sr, summary = _fit_stage(ctx, stage, here, rows, summaries)
+        ft = stage.fine_tune
+        with out_of_memory(f"training stage '{stage.name}' (batch {ft.batch_size})",
+                           "lower fine_tune.batch_size (cache.memory_mib, on the cache), or the n_out of layers "
+                           "the surgery adds"):
+            rows, row, sr, summary = _fit_stage(ctx, stage, here, rows, summaries)
         last_row = row or last_row
         cache_key = sr.cache.key if sr.cache is not None else cache_key
         summaries.append(summary)

@@ -8,9 +8,9 @@ comes from the model's (or its weights') own config, never from the recipe.
 
 from __future__ import annotations
 
+import math
 import os
 import re
-import urllib.error
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -18,10 +18,11 @@ from typing import Optional
 import torch
 from torch import nn
 
-from tlcli.errors import SpecError, WeightsError, did_you_mean
+from tlcli.errors import WeightsError, did_you_mean
 from tlcli.files import file_digest
 from tlcli.preprocess import Preprocess
 from tlcli.recipe import BaseSpec
+from tlcli.weights import read_tensors, require_sound
 
 
 @dataclass
@@ -112,27 +113,6 @@ def load_embedded_lite0(model: nn.Module) -> None:
 # --------------------------------------------------------------------------- files and downloads
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from .safetensors or a torch file, never unpickling code."""
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError) as err:
-            raise WeightsError(f"{path}: not a readable safetensors file ({err})") from None
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a corrupt or code-carrying pickle: the user's file, not our bug
-        raise WeightsError(f"{path}: cannot load as a weights-only state dict: {err}") from None
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise WeightsError(f"{path}: not a state dict of tensors")
-    return obj
-
-
 def load_file_weights(model: nn.Module, file: str, sha256: Optional[str]) -> None:
     path = Path(file).expanduser()
     if not path.is_file():
@@ -141,8 +121,9 @@ def load_file_weights(model: nn.Module, file: str, sha256: Optional[str]) -> Non
         actual = file_digest(path, "sha256", None)
         if actual != sha256:
             raise WeightsError(f"{path}: sha256 is {actual}, the recipe expects {sha256}")
-    state = read_state_dict(path)
+    state = read_tensors(path)
     own = model.state_dict()
+    require_sound(state, own, path)
     head = _last_linear(model)
     # The classifier of a model trained on other classes is the normal transfer case: it is
     # left out (the head is replaced to fit the data); any other mismatch is an error.
@@ -173,20 +154,15 @@ def hub_checkpoint_path(url: str) -> Path:
 
 
 def fetch_checkpoint(url: str, dest: Path) -> Path:
-    """Download `url` to `dest` unless present. torchvision file names carry a
-    sha256 prefix (`resnet18-f37072fd.pth`); it is checked after download."""
-    if dest.is_file():
-        return dest
+    """`dest`, downloaded from `url` unless there already. torchvision file names carry a
+    sha256 prefix (`resnet18-f37072fd.pth`): the file is checked against it."""
+    from tlcli.download import download
+
     m = re.search(r"-([a-f0-9]{8,})\.", os.path.basename(url))
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        # download_url_to_file writes a temp file and renames it: no partial files.
-        torch.hub.download_url_to_file(url, str(dest), hash_prefix=m.group(1) if m else None, progress=True)
-    except (urllib.error.URLError, OSError, RuntimeError) as err:
-        raise WeightsError(
-            f"cannot download {url} ({getattr(err, 'reason', err)}). Offline, place the file at {dest}"
-        ) from None
-    return dest
+    if dest.is_file() and m is None:
+        return dest  # nothing to check it against; a file placed by hand is the user's choice
+    return download(url, dest, None, max_bytes=8 << 30, sha256_prefix=m.group(1) if m else None,
+                    offline_hint=f" Offline, place the file at {dest}", error=WeightsError)
 
 
 def torchvision_weights(model_name: str, name: str):
@@ -248,10 +224,7 @@ def _build_timm(base: BaseSpec, load_weights: bool) -> ZooModel:
     # Built once: with pretrained weights, by timm's own loader; otherwise with random ones.
     pretrained = w.name == "pretrained" and load_weights
     model = timm_pretrained(base.model) if pretrained else timm.create_model(base.model, pretrained=False)
-    cfg = timm.data.resolve_data_config({}, model=model)
-    crop = float(cfg.get("crop_pct", 1.0))
-    size = int(cfg["input_size"][-1])
-    preprocess = Preprocess(size, int(size / crop), "center_crop", tuple(cfg["mean"]), tuple(cfg["std"]), cfg["interpolation"])
+    preprocess = timm_preprocess(timm.data.resolve_model_data_config(model))
     if w.name == "embedded":
         if base.model != EMBEDDED_ARCH:
             raise WeightsError(f"the embedded weights are {EMBEDDED_ARCH}'s, not {base.model}'s")
@@ -267,6 +240,23 @@ def _build_timm(base: BaseSpec, load_weights: bool) -> ZooModel:
         raise WeightsError(f"weights '{w.name}' for a timm model: use 'pretrained' (from the Hugging Face hub), "
                            "'embedded' (tf_efficientnet_lite0), 'none' or {file: PATH}")
     return ZooModel(model, preprocess, None)
+
+
+TIMM_CROP_MODES = {"center": "center_crop", "squash": "squash", "border": "border"}
+
+
+def timm_preprocess(cfg: dict) -> Preprocess:
+    """timm's eval preprocessing (`resolve_model_data_config`) as tl's: size, the resize that
+    `crop_pct` implies (timm floors size / crop_pct), the crop mode, mean, std, interpolation."""
+    channels, height, width = cfg["input_size"]
+    if height != width:
+        raise WeightsError(f"this model's input is {height}x{width}; tl takes square inputs: set base.input_size")
+    mode = cfg.get("crop_mode") or "center"
+    if mode not in TIMM_CROP_MODES:
+        raise WeightsError(f"timm crop_mode '{mode}' is not one tl knows ({', '.join(TIMM_CROP_MODES)})")
+    crop = float(cfg.get("crop_pct") or 0.875)
+    return Preprocess(int(width), math.floor(width / crop), TIMM_CROP_MODES[mode], tuple(map(float, cfg["mean"])),
+                      tuple(map(float, cfg["std"])), str(cfg["interpolation"]), int(channels) if channels == 1 else 3)
 
 
 def timm_pretrained(name: str) -> nn.Module:
@@ -343,7 +333,9 @@ def _build_torchvision(base: BaseSpec, load_weights: bool) -> ZooModel:
             load_file_weights(model, w.file, w.sha256)
     elif not w.is_random and load_weights:
         path = fetch_checkpoint(weights.url, hub_checkpoint_path(weights.url))
-        model.load_state_dict(read_state_dict(path), strict=True)
+        state = read_tensors(path)
+        require_sound(state, model.state_dict(), path)
+        model.load_state_dict(state, strict=True)
         return ZooModel(model, preprocess, list(weights.meta.get("categories") or []) or None)
     return ZooModel(model, preprocess, None)
 
@@ -375,31 +367,3 @@ def build_base(base: BaseSpec, load_weights: bool = True) -> ZooModel:
     zoo.model.eval()
     zoo.preprocess = zoo.preprocess.with_size(base.input_size)
     return zoo
-
-
-def resolve_device(spec: str, cuda_available: Optional[bool] = None, mps_available: Optional[bool] = None,
-                   cuda_count: Optional[int] = None, local_rank: Optional[int] = None) -> torch.device:
-    """`auto` picks CUDA when present, else the CPU. A device that is not there is the
-    recipe's problem, at its `device:` line. Under torchrun (`local_rank`, read from the
-    environment by default), `auto` and `cuda` mean this rank's GPU, `cuda:LOCAL_RANK`."""
-    if cuda_available is None:
-        cuda_available = torch.cuda.is_available()
-    if local_rank is None:
-        from tlcli import distributed
-
-        dist = distributed.current()
-        local_rank = dist.local_rank if dist.enabled else None
-    if spec in ("auto", "cuda") and cuda_available and local_rank is not None:
-        spec = f"cuda:{local_rank}"
-    if spec == "auto":
-        return torch.device("cuda" if cuda_available else "cpu")
-    if spec.startswith("cuda"):
-        if not cuda_available:
-            raise SpecError([(("device",), f"{spec} asked for, but no CUDA device is available (use device: auto)")])
-        count = torch.cuda.device_count() if cuda_count is None else cuda_count
-        index = int(spec.split(":")[1]) if ":" in spec else 0
-        if index >= count:
-            raise SpecError([(("device",), f"{spec} asked for, but this machine has {count} CUDA device(s)")])
-    if spec == "mps" and not (torch.backends.mps.is_available() if mps_available is None else mps_available):
-        raise SpecError([(("device",), "mps asked for, but Apple's Metal backend is not available here (use device: auto)")])
-    return torch.device(spec)
