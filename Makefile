@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.tl-installed
 # local wheel store, and an unpinned torchvision can pull a mismatched torch.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test bench head-probe keras-blog two-stage clean install
+.PHONY: demo test test-fast bench head-probe keras-blog two-stage clean install
 
 install: $(STAMP)
 
@@ -25,8 +25,13 @@ demo: $(STAMP)
 	$(TL) fit --force recipes/quickstart.yaml  # the demo owns runs/quickstart: rerunning it must work
 	$(TL) evaluate recipes/quickstart.yaml
 
+# The whole suite, kill tests, fuzz and torchrun included (CI runs exactly this).
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
+
+# The inner loop: everything but the process-level tests (slow) and the real pretrained network (real).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not real" --durations=15
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench.py

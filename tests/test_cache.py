@@ -2,10 +2,8 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -17,6 +15,7 @@ from tlcli.models import TinyResNet
 from tlcli.recipe import Recipe
 from tlcli.build import prepare
 
+from killing import kill_when, start
 from conftest import make_imagefolder, tiny_recipe, write_recipe
 
 
@@ -103,20 +102,13 @@ def test_cache_layout_and_manifest(tmp_path):
 
 
 def test_killed_featurize_leaves_no_accepted_cache_and_is_rebuilt(tmp_path):
-    # Large images and one-image shards make featurize take seconds, so the kill
-    # lands mid-run; the test waits for the first shard before killing.
+    # One-image shards: the kill comes after the second shard of this run appears.
     recipe = tiny_recipe(tmp_path, base={"input_size": 512}, data={"limit": 400, "batch_size": 4}, cache={"shard_size": 4})
     path = write_recipe(tmp_path / "r.yaml", recipe)
-    proc = subprocess.Popen([sys.executable, "-m", "tlcli", "featurize", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     cache_root = tmp_path / "cache"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if any(cache_root.glob("*.tmp-*/train-00001.safetensors")):
-            break
-        assert proc.poll() is None, "featurize finished before it could be killed"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc = start(["featurize", path])
+    second = lambda: any(cache_root.glob(f"*.tmp-{proc.pid}/train-00001.safetensors"))  # noqa: E731
+    assert kill_when(proc, second), "featurize finished before it could be killed"
     partials = list(cache_root.glob("*.tmp-*"))
     assert partials and not list(cache_root.glob("*/manifest.json"))
     key = partials[0].name.split(".tmp-")[0]
@@ -164,15 +156,15 @@ def test_featurize_force_never_swaps_a_cache_out_from_under_a_fit(tmp_path):
     before = shard.read_bytes()
     with file_lock(read_lock(cache), shared=True):  # what a running fit holds
         proc = _popen("featurize", "--force", path)
-        deadline = time.time() + 120
-        while time.time() < deadline and not list(cache.parent.glob(f"{cache.name}.tmp-*/manifest.json")):
-            time.sleep(0.05)
-        time.sleep(0.5)
+        # The rebuild says it is waiting once its new cache is complete beside the old one.
+        for line in proc.stderr:
+            if "waiting for the fits reading" in line:
+                break
         assert proc.poll() is None, "the forced rebuild must wait for the reader"
+        assert list(cache.parent.glob(f"{cache.name}.tmp-*/manifest.json"))
         assert shard.read_bytes() == before and (cache / "manifest.json").is_file()
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
-    assert "waiting for the fits reading" in err
     assert open_cache(cache) is not None and not list(cache.parent.glob(f"{cache.name}.*-*"))
 
 

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import run_tl, tiny_recipe, write_recipe
+from killing import kill_when, rank_pids
 
 
 
@@ -84,6 +85,7 @@ def test_an_image_stage_on_two_ranks_equals_one_rank_with_the_global_batch(tmp_p
     assert done.returncode == 0, done.stderr
     one, two = _rows(tmp_path / "one" / "run"), _rows(tmp_path / "two" / "run")
     assert [r["stage"] for r in two] == ["head", "head", "images", "images", "images"]
+    assert len(one) == len(two)  # zip would drop the rows one run has and the other lacks
     for a, b in zip(one, two):
         for key in ("train_loss", "val_loss", "train_acc", "val_acc"):
             assert b[key] == pytest.approx(a[key], rel=1e-4), (a, b, key)
@@ -104,36 +106,6 @@ def test_an_image_stage_on_two_ranks_equals_one_rank_with_the_global_batch(tmp_p
     assert json.loads(evaluated.stdout)["accuracy"] == json.loads(alone.stdout)["accuracy"]
 
 
-def _worker_pids(launcher: int) -> dict[int, int]:
-    """rank -> pid of torchrun's worker processes."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            status = (entry / "status").read_text()
-            env = (entry / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        parent = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("PPid:")), None)
-        rank = next((int(e.split(b"=")[1]) for e in env if e.startswith(b"RANK=")), None)
-        if parent is not None and rank is not None and _descends(parent, launcher):
-            found[rank] = int(entry.name)
-    return found
-
-
-def _descends(pid: int, ancestor: int) -> bool:
-    while pid > 1:
-        if pid == ancestor:
-            return True
-        try:
-            status = Path(f"/proc/{pid}/status").read_text()
-        except OSError:
-            return False
-        pid = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("PPid:"))
-    return False
-
-
 @pytest.mark.slow
 def test_a_dead_rank_stops_the_run_and_resume_on_two_ranks_finishes_it(tmp_path):
     write_recipe(tmp_path / "ref.yaml", _two_stage(tmp_path / "ref", epochs=8))
@@ -143,13 +115,12 @@ def test_a_dead_rank_stops_the_run_and_resume_on_two_ranks_finishes_it(tmp_path)
 
     launcher = torchrun("fit", "r.yaml", cwd=tmp_path, wait=False)
     metrics = tmp_path / "killed" / "run" / "metrics.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline and launcher.poll() is None:
-        if metrics.is_file() and sum(1 for line in metrics.read_text().splitlines() if '"images"' in line) >= 2:
-            break
-        time.sleep(0.05)
-    assert launcher.poll() is None, "the fit finished before it could be killed: " + launcher.stderr.read()
-    os.kill(_worker_pids(launcher.pid)[1], signal.SIGKILL)
+
+    def two_image_epochs() -> bool:
+        return metrics.is_file() and sum(1 for line in metrics.read_text().splitlines() if '"images"' in line) >= 2
+
+    assert kill_when(launcher, two_image_epochs, target=lambda: rank_pids(launcher.pid)[1]), \
+        "the fit finished before it could be killed: " + launcher.stderr.read()
     killed_at = time.time()
     try:
         launcher.wait(timeout=120)  # bounded: well under distributed.timeout_s
@@ -178,13 +149,9 @@ def test_a_rank_killed_while_featurizing_leaves_no_cache_that_is_accepted(tmp_pa
     write_recipe(tmp_path / "r.yaml", recipe)
     launcher = torchrun("featurize", "r.yaml", cwd=tmp_path, wait=False)
     cache = tmp_path / "cache"
-    deadline = time.time() + 240
-    while time.time() < deadline and launcher.poll() is None:
-        if any(len(list(p.glob("train-*.safetensors"))) >= 4 for p in cache.glob("*.tmp-*")):
-            break
-        time.sleep(0.02)
-    assert launcher.poll() is None, "featurize finished before it could be killed: " + launcher.stderr.read()
-    os.kill(_worker_pids(launcher.pid)[1], signal.SIGKILL)
+    four_shards = lambda: any(len(list(p.glob("train-*.safetensors"))) >= 4 for p in cache.glob("*.tmp-*"))  # noqa: E731
+    assert kill_when(launcher, four_shards, target=lambda: rank_pids(launcher.pid)[1]), \
+        "featurize finished before it could be killed: " + launcher.stderr.read()
     try:
         launcher.wait(timeout=120)
     except subprocess.TimeoutExpired:
@@ -207,15 +174,32 @@ def test_fit_nproc_runs_torchrun_for_the_user(tmp_path):
 # --------------------------------------------------------------------------- the parts, in one process
 
 
-def test_rank_shares_are_distributed_samplers_and_batches_add_up():
+@pytest.mark.parametrize("n,world", [(7, 2), (8, 2), (10, 3), (1, 4), (13, 4)])
+def test_rank_shares_are_distributed_samplers_and_batches_add_up(n, world):
+    from torch.utils.data import DistributedSampler
+
     from tlcli.train import rank_share
 
-    order = [5, 3, 9, 1, 7, 0, 2]
-    shares = [rank_share(order, r, 2) for r in range(2)]
-    assert shares == [[5, 9, 7, 2], [3, 1, 0, 5]]  # padded from the start, like DistributedSampler
-    # Batch k of every rank together is batch k of the single-process order at twice the batch.
-    full = [i for pair in zip(*shares) for i in pair]
-    assert full[:7] == order
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(n * 31 + world)).tolist()
+
+    class Ordered(torch.utils.data.Dataset):
+        """A dataset whose items are the order's entries; the sampler's indices pick them."""
+
+        def __len__(self):
+            return n
+
+        def __getitem__(self, i):
+            return order[i]
+
+    data = Ordered()
+    for rank in range(world):
+        sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=False, drop_last=False)
+        assert rank_share(order, rank, world) == [data[i] for i in sampler], rank
+    shares = [rank_share(order, r, world) for r in range(world)]
+    assert len({len(s) for s in shares}) == 1  # every rank runs the same number of steps
+    # Batch k of every rank together is batch k of the single-process order at `world` times the batch.
+    full = [i for column in zip(*shares) for i in column]
+    assert len(full) == world * len(shares[0]) and full[:n] == order
     assert rank_share(order, 0, 1) == order
 
 

@@ -8,6 +8,7 @@ from PIL import Image
 
 from tlcli.pipeline import (
     ImageLoader,
+    NvjpegDecoder,
     _decode_with_pil,
     decode_threads,
     decoder_name,
@@ -33,9 +34,88 @@ def test_auto_threads_follow_the_cores_and_the_device(monkeypatch):
 
 def test_nvjpeg_is_chosen_on_cuda_only(monkeypatch):
     assert decoder_name(torch.device("cpu")) == "libjpeg-turbo"
+    assert ImageLoader([], PP, 4, torch.device("cpu"), 0).gpu_decoder is None
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert decoder_name(torch.device("cuda")) == "nvjpeg"
+    assert isinstance(ImageLoader([], PP, 4, torch.device("cuda"), 0).gpu_decoder, NvjpegDecoder)
     assert decoder_name(torch.device("cpu")) == "libjpeg-turbo"
+
+
+class StandIn:
+    """nvjpeg's place on the CPU: libjpeg-turbo decodes, so results are comparable bit for bit
+    with the CPU path; `refuse` names files it raises for, as nvjpeg does for CMYK or OOM."""
+
+    name = "stand-in"
+
+    def __init__(self, refuse=()):
+        self.refuse, self.calls = set(refuse), []
+
+    def decode(self, data, device):
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        self.calls.append(len(data))
+        for raw in data:
+            if bytes(raw[-64:].tolist()) in self.refuse:
+                raise RuntimeError("nvjpeg: unsupported JPEG (stand-in)")
+        return [decode_jpeg(raw, mode=ImageReadMode.RGB) for raw in data]
+
+
+def _mixed(tmp_path):
+    """JPEGs and PNGs interleaved, as a real folder has them."""
+    pairs = _photos(tmp_path, 9)
+    for i in (2, 5):
+        png = tmp_path / f"{i}.png"
+        Image.open(pairs[i][0]).save(png)
+        pairs[i] = (str(png), pairs[i][1])
+    return pairs
+
+
+def _cpu_batches(pairs, **kw):
+    return list(ImageLoader(pairs, PP, 4, torch.device("cpu"), threads=0, **kw))
+
+
+def test_the_gpu_decoder_path_keeps_batch_order_and_pixels(tmp_path):
+    pairs = _mixed(tmp_path)
+    standin = StandIn()
+    gpu = list(ImageLoader(pairs, PP, 4, torch.device("cpu"), threads=2, gpu_decoder=standin))
+    cpu = _cpu_batches(pairs)
+    assert len(gpu) == len(cpu) == 3 and standin.calls == [3, 3, 1]  # one call per batch, JPEGs only
+    for (a, ya), (b, yb) in zip(gpu, cpu):
+        assert torch.equal(ya, yb) and torch.equal(a, b)
+
+
+def _tail(path):
+    return open(path, "rb").read()[-64:]
+
+
+def test_a_file_the_gpu_decoder_refuses_is_decoded_on_the_cpu(tmp_path):
+    pairs = _mixed(tmp_path)
+    standin = StandIn(refuse={_tail(pairs[4][0])})
+    gpu = list(ImageLoader(pairs, PP, 4, torch.device("cpu"), threads=0, gpu_decoder=standin))
+    # The batch call failed, so that batch went image by image; the refused one fell back to the CPU.
+    assert standin.calls[0] == 3 and standin.calls[1] == 3 and standin.calls[2:5] == [1, 1, 1]
+    for (a, ya), (b, yb) in zip(gpu, _cpu_batches(pairs)):
+        assert torch.equal(ya, yb) and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("on_bad_image", ["error", "skip"])
+def test_a_file_neither_decoder_reads_is_an_error_or_a_skip(tmp_path, on_bad_image):
+    from tlcli.errors import DataError
+
+    pairs = _mixed(tmp_path)
+    bad = pairs[6][0]
+    with open(bad, "wb") as f:
+        f.write(b"\xff\xd8 not really a JPEG" * 8)
+    loader = ImageLoader(pairs, PP, 4, torch.device("cpu"), threads=1, gpu_decoder=StandIn(), on_bad_image=on_bad_image)
+    if on_bad_image == "error":
+        with pytest.raises(DataError, match=f"{bad}: cannot read image"):
+            list(loader)
+        return
+    batches = list(loader)
+    assert loader.skipped == [bad]
+    labels = [y for _, ys in batches for y in ys.tolist()]
+    assert labels == [label for source, label in pairs if source != bad]
+    assert [len(y) for _, y in batches] == [4, 3, 1]
 
 
 def _photos(tmp_path, n=10):

@@ -75,3 +75,66 @@ def test_lbfgs_where_it_cannot_apply_is_a_recipe_error_at_its_line(tmp_path, cli
     line = next(i for i, l in enumerate(path.read_text().splitlines(), 1) if "lbfgs" in l)
     code, out = cli("fit", path)
     assert code == 1 and f"{path}:{line}: fine_tune.optimizer: lbfgs fits a single Linear head" in out
+
+
+def test_the_l2_with_the_best_val_score_is_chosen():
+    from tlcli.probe import choose_l2
+
+    scores = {1e-4: {"acc": 0.90, "loss": 0.30}, 1e-3: {"acc": 0.95, "loss": 0.40}, 1e-2: {"acc": 0.95, "loss": 0.35}}
+    assert choose_l2(lambda l2: scores[l2]) == 1e-2  # best accuracy, then lowest loss
+    scores[1e-4] = {"acc": 0.99, "loss": 0.9}
+    assert choose_l2(lambda l2: scores[l2]) == 1e-4
+
+
+def test_auto_chooses_the_l2_that_scores_best_on_val_of_the_grid(tmp_path):
+    """Each grid L2 fitted on its own (weight_decay given: no choice made) scores on val; the
+    L2 that `auto` chose must be the best of them, by accuracy then loss."""
+    chosen = json.loads((fit(probe_recipe(tmp_path / "auto")).run_dir / "checkpoint.json").read_text())["stages"][0]["l2"]
+    scored = []
+    for l2 in L2_GRID:
+        run = fit(probe_recipe(tmp_path / f"l2-{l2}", weight_decay=l2)).run_dir
+        last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
+        scored.append((-last["val_acc"], last["val_loss"], l2))
+    assert chosen == min(scored)[2], scored
+
+
+def test_the_probe_fit_matches_scikit_learns_logistic_regression():
+    """tl's probe objective, mean cross-entropy + l2/2 |W|^2 (bias free), is scikit-learn's
+    LogisticRegression with C = 1 / (l2 n): on standardised digits both reach the same model."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+    from sklearn.linear_model import LogisticRegression
+
+    from tlcli.optim import make_optimizer
+    from tlcli.probe import lbfgs_epoch
+    from tlcli.recipe import FineTuneSpec
+
+    x, y = load_digits(return_X_y=True)
+    x_train, y_train, x_test, y_test = x[:1200], y[:1200], x[1200:], y[1200:]
+    train = [torch.tensor(x_train, dtype=torch.float32)]
+    test = [torch.tensor(x_test, dtype=torch.float32)]
+    standardize(train, [test])
+    l2 = 1e-3
+    head = torch.nn.Linear(64, 10)
+    torch.nn.init.zeros_(head.weight), torch.nn.init.zeros_(head.bias)
+
+    class OnFrontier(torch.nn.Module):
+        """The trainable part's calling convention: one tensor per frontier entry."""
+
+        def __init__(self):
+            super().__init__()
+            self.head = head
+
+        def forward(self, inputs):
+            return self.head(inputs[0])
+
+    optimizer = make_optimizer(FineTuneSpec(optimizer="lbfgs"), list(head.named_parameters()))
+    labels = torch.tensor(y_train)
+    for _ in range(30):
+        lbfgs_epoch(OnFrontier(), train, labels, optimizer, l2, [head.weight])
+    ours = head(test[0]).argmax(1).numpy()
+    sk = LogisticRegression(C=1 / (l2 * len(y_train)), max_iter=5000, tol=1e-8).fit(train[0].numpy(), y_train)
+    theirs = sk.predict(test[0].numpy())
+    assert (ours == theirs).mean() >= 0.99
+    assert abs((ours == y_test).mean() - (theirs == y_test).mean()) <= 0.005
+    np.testing.assert_allclose(head.weight.detach().numpy(), sk.coef_ - sk.coef_.mean(0), atol=0.05)

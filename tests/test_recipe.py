@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tlcli.errors import RecipeError, TLError
 from tlcli.recipe import load_recipe, parse_recipe
@@ -105,9 +106,18 @@ def test_nesterov_needs_sgd():
         parse_recipe(GOOD + "fine_tune: {optimizer: adam, nesterov: true}\n")
 
 
-def test_yaml_is_loaded_safely():
-    with pytest.raises(RecipeError):
-        parse_recipe("base: !!python/object/apply:os.system ['echo pwned']\n")
+@pytest.mark.parametrize("tag", ["!!python/object/apply:os.system", "!!python/object/new:os.system"])
+def test_yaml_is_loaded_safely(tmp_path, tag):
+    """A valid recipe whose one value would, under an unsafe loader, run a command that leaves
+    a file behind: the file must not appear, and the tag is an error at its line."""
+    sentinel = tmp_path / "pwned"
+    text = GOOD.replace("output_dir: runs/x", f"output_dir: {tag} ['touch {sentinel}']")
+    assert text != GOOD
+    with pytest.raises(RecipeError, match=r"recipe.yaml:\d+: .*python/object"):
+        parse_recipe(text)
+    assert not sentinel.exists()
+    yaml.unsafe_load(text)  # the sentinel works: an unsafe loader would have run it
+    assert sentinel.exists()
 
 
 def test_missing_file_is_a_user_error(tmp_path):

@@ -4,11 +4,6 @@ continue-from-checkpoint, exact resume after SIGKILL, determinism."""
 
 import contextlib
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -23,6 +18,7 @@ from tlcli.build import prepare
 from tlcli.optim import block_of, param_groups
 from tlcli.train import FitHooks, fit
 
+from killing import kill_when, start
 from conftest import REPO, tiny_recipe, write_recipe
 
 TWO_STAGES = [
@@ -120,24 +116,15 @@ def test_same_recipe_and_seed_give_identical_metrics_across_stages(tmp_path):
 
 def _kill_after(recipe_path, run_dir, stage: int, epoch: int) -> None:
     """Start `tl fit` as a process and SIGKILL it once it has saved (stage, epoch)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "tlcli", "fit", str(recipe_path)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state_file = run_dir / "resume" / "state.json"
-    deadline = time.monotonic() + 120
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            s = None
-            with contextlib.suppress(OSError, ValueError):  # not written yet, or mid-replace
-                s = json.loads(state_file.read_text())
-            if s is not None and (s["stage"], s["epoch"]) >= (stage, epoch):
-                break
-            time.sleep(0.005)
-        assert proc.poll() is None, "the run finished before it could be killed; make it longer"
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+
+    def saved() -> bool:
+        s = None
+        with contextlib.suppress(OSError, ValueError):  # not written yet, or mid-replace
+            s = json.loads(state_file.read_text())
+        return s is not None and (s["stage"], s["epoch"]) >= (stage, epoch)
+
+    assert kill_when(start(["fit", recipe_path]), saved), "the run finished before it could be killed; make it longer"
     assert not (run_dir / "checkpoint.json").exists()
 
 

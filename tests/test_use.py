@@ -239,20 +239,56 @@ def test_top_losses_are_the_most_confidently_wrong():
     assert items[0]["true"] == "p" and items[0]["predicted"] == "n" and items[0]["probability"] > 0.99
 
 
-@pytest.mark.skipif(not any(Path(p, "chromium").exists() for p in os.environ["PATH"].split(os.pathsep)),
-                    reason="no headless chromium on this machine")
+CHROMIUM = next((str(Path(p, "chromium")) for p in os.environ["PATH"].split(os.pathsep) if Path(p, "chromium").exists()),
+                None)
+# Injected first into a copy of the page: what a person would check, written where --dump-dom shows it.
+PROBE = """<script>
+window.__tl = {errors: []};
+window.addEventListener('error', e => window.__tl.errors.push(String(e.message || e.target && e.target.src)), true);
+const error = console.error; console.error = (...a) => { window.__tl.errors.push(a.join(' ')); error(...a); };
+window.addEventListener('load', () => document.documentElement.setAttribute('data-tl-check', JSON.stringify({
+  images: [...document.images].map(i => [i.alt, i.naturalWidth, i.complete]),
+  fetched: performance.getEntriesByType('resource').map(e => e.name),
+  errors: window.__tl.errors})));
+</script>"""
+
+
+def _browser():
+    if CHROMIUM is None:
+        # CI installs chromium (.ci/run); there a missing browser is a failure, not a skip.
+        if os.environ.get("CI") == "true":
+            pytest.fail("chromium is not installed; .ci/run installs Debian's chromium")
+        pytest.skip("no headless chromium on this machine (CI installs it)")
+    return CHROMIUM
+
+
 def test_the_report_renders_in_a_real_browser(folder_run, tmp_path):
     from PIL import Image
 
+    chromium = _browser()
     _, _, run = folder_run
     assert tl("evaluate", run, "-q")[0] == 0
+    page = (run / "eval" / "report.html").read_text()
+    probed = tmp_path / "report.html"
+    probed.write_text(page.replace("<head>", "<head>" + PROBE, 1))
+    flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run([*flags, "--virtual-time-budget=10000", "--dump-dom", probed.as_uri()],
+                         capture_output=True, text=True, timeout=180, check=True).stdout
+    import html as html_lib
+    import re
+
+    check = json.loads(html_lib.unescape(re.search(r'data-tl-check="([^"]*)"', dom).group(1)))
+    assert len(check["images"]) >= 3, check  # curves, confusion matrix, top losses
+    assert all(width > 0 and complete for _, width, complete in check["images"]), check["images"]
+    assert check["errors"] == [], check["errors"]
+    assert all(name.startswith("data:") for name in check["fetched"]), check["fetched"]  # nothing from the network
+    # And it looks like a page: the pictures are drawn, not just the text at the top.
     shot = tmp_path / "shot.png"
-    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                    "--window-size=1100,2400", f"--screenshot={shot}", (run / "eval" / "report.html").as_uri()],
-                   capture_output=True, timeout=120, check=True)
+    subprocess.run([*flags, "--hide-scrollbars", "--window-size=1100,2400", f"--screenshot={shot}",
+                    (run / "eval" / "report.html").as_uri()], capture_output=True, timeout=180, check=True)
     with Image.open(shot) as im:
         grey = np.asarray(im.convert("L"))
-    # The pictures are drawn: many rows of the page hold dark pixels, not just the text at the top.
     assert (grey < 100).any(axis=1).mean() > 0.3
 
 

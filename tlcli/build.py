@@ -91,6 +91,10 @@ def _build(recipe: Recipe, class_names: list[str], weights: bool, seen: tuple) -
         graph = ModelGraph.trace(zoo.model, recipe.base.zoo)
         preprocess, source_classes, continuing = zoo.preprocess, zoo.source_classes, False
     built = Built(graph, preprocess, None, len(class_names), source_classes, recipe.base.describe())
+    if recipe.base.checkpoint is None:
+        problem = _dry_run(graph, preprocess)
+        if problem:
+            return built, [(("base", "input_size") if recipe.base.input_size else ("base", "model"), problem)]
     if recipe.input is not None:
         add_input_adapter(built, recipe.input)
     issues = Surgeon(built, recipe.surgery, recipe.fine_tune.seed).run()
@@ -100,6 +104,17 @@ def _build(recipe: Recipe, class_names: list[str], weights: bool, seen: tuple) -
         except SpecError as err:
             issues = err.issues
     return built, issues
+
+
+def _dry_run(graph: ModelGraph, preprocess) -> str:
+    """Why the base model cannot run on one image at the input size (a fixed-size layer, such
+    as a Linear after a flatten, fits one size only), or '' when it runs."""
+    try:
+        graph.output_shapes(preprocess.channels, preprocess.size)
+    except Exception as err:  # noqa: BLE001 - torch reports shape mismatches as several error types
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        return f"the model does not run on {preprocess.size}x{preprocess.size} inputs ({reason})"
+    return ""
 
 
 def _from_zoo(recipe: Recipe, weights: bool) -> ZooModel:

@@ -230,7 +230,7 @@ def _load(recipe: Path, overrides: Optional[list[str]], out: Out):
 def _checked_overrides(overrides: Optional[list[str]]) -> tuple[str, ...]:
     words, found = _split_args(overrides)
     if words:
-        raise TLError(f"'{words[0]}': expected KEY=VALUE (a recipe override such as fine_tune.lr=0.01)")
+        raise TLError(f"override {printable(words[0])}: expected KEY=VALUE (a recipe override such as fine_tune.lr=0.01)")
     return found
 
 

@@ -249,12 +249,16 @@ class ImageLoader:
     """
 
     def __init__(self, pairs, pp: Preprocess, batch_size: int, device: torch.device, threads: int,
-                 augment=None, order: Optional[Sequence[int]] = None, prefetch: int = 2, decoder: Optional[str] = None,
+                 augment=None, order: Optional[Sequence[int]] = None, prefetch: int = 2, gpu_decoder=None,
                  on_bad_image: str = "error"):
+        """`gpu_decoder`: what decodes raw JPEGs on the device (default nvjpeg on CUDA, none on
+        the CPU); any object with nvjpeg's `decode(list of bytes tensors, device)`."""
         self.chunks = _chunks(pairs, batch_size, order)
         self.pp, self.device, self.augment = pp, device, augment
         self.threads, self.prefetch = threads, max(prefetch, 1)
-        self.decoder = decoder or decoder_name(device)
+        if gpu_decoder is None and decoder_name(device) == "nvjpeg":
+            gpu_decoder = NvjpegDecoder()
+        self.gpu_decoder = gpu_decoder
         self.pin = device.type == "cuda"
         self.skip_bad = on_bad_image == "skip"
         self.skipped: list[str] = []  # with on_bad_image: skip, the files left out
@@ -290,7 +294,7 @@ class ImageLoader:
             yield batch
 
     def _read(self, source: Source) -> torch.Tensor:
-        return _read_bytes_or_decode(source, self.pp) if self.decoder == "nvjpeg" else load_sized(source, self.pp)
+        return _read_bytes_or_decode(source, self.pp) if self.gpu_decoder else load_sized(source, self.pp)
 
     def _guarded(self, source: Source):
         """The image, or None for an undecodable file when bad images are skipped."""
@@ -302,9 +306,9 @@ class ImageLoader:
             return None
 
     def _finish(self, images: list, chunk) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-        if self.decoder == "nvjpeg":
-            # Raw JPEG bytes decode on the GPU in one call; the rest were decoded on the CPU.
-            images = _nvjpeg_decode(images, [s for s, _ in chunk], self.pp, self.device, self.skip_bad)
+        if self.gpu_decoder:
+            # Raw JPEG bytes decode on the device in one call; the rest were decoded on the CPU.
+            images = gpu_decode(self.gpu_decoder, images, [s for s, _ in chunk], self.pp, self.device, self.skip_bad)
             images = [img.to(self.device, non_blocking=True) if img is not None else None for img in images]
         self.skipped.extend(str(s) for (s, _), img in zip(chunk, images) if img is None)
         chunk = [item for item, img in zip(chunk, images) if img is not None]
@@ -322,7 +326,7 @@ class ImageLoader:
 
 
 def _read_bytes_or_decode(source: Source, pp: Preprocess):
-    """For nvjpeg: a JPEG's raw bytes (decoded on the GPU); any other image decoded and sized here."""
+    """For a GPU decoder: a JPEG's raw bytes (decoded on the GPU); any other image decoded and sized here."""
     from torchvision.io import read_file
 
     if isinstance(source, str) and os.path.splitext(source)[1].lower() in JPEG_SUFFIXES and pp.channels == 3:
@@ -333,30 +337,50 @@ def _read_bytes_or_decode(source: Source, pp: Preprocess):
     return load_sized(source, pp)
 
 
-def _nvjpeg_decode(items: list, sources: list, pp: Preprocess, device: torch.device, skip_bad: bool) -> list:
-    """Decode the raw-JPEG items of a batch on the GPU in one call; size them there."""
-    from torchvision.io import ImageReadMode, decode_jpeg
+class NvjpegDecoder:
+    """torchvision's nvjpeg: a batch of raw JPEGs decoded on the GPU in one call. A stand-in
+    with the same `decode` (tests use one on the CPU) exercises every path around it."""
 
+    name = "nvjpeg"
+
+    def decode(self, data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+
+
+def gpu_decode(decoder, items: list, sources: list, pp: Preprocess, device: torch.device, skip_bad: bool) -> list:
+    """The raw-JPEG items of a batch decoded by `decoder` in one call and sized on the device;
+    the rest (decoded on the CPU already) kept in place, so the batch keeps its order.
+
+    A failed batch call is retried one image at a time; an image the GPU decoder refuses
+    (a CMYK or progressive JPEG it lacks, out of memory, a build without nvjpeg) is decoded
+    on the CPU instead, so the GPU accepts exactly the files the CPU does. Only a file the CPU
+    cannot read either is an error (or, with skip_bad, left out as None)."""
     raw = [i for i, t in enumerate(items) if t is not None and t.ndim == 1]  # read_file gives 1-d uint8 bytes
     if not raw:
         return items
     try:
-        decoded = decode_jpeg([items[i] for i in raw], mode=ImageReadMode.RGB, device=device)
+        decoded = list(decoder.decode([items[i] for i in raw], device))
     except RuntimeError:
-        # One bad file fails the batch call: decode one by one to name (or skip) it.
-        decoded = [_nvjpeg_one(items[i], sources[i], device, skip_bad) for i in raw]
+        decoded = [_decode_one(decoder, items[i], sources[i], pp, device, skip_bad) for i in raw]
+    else:
+        decoded = [fit_to_size(image, pp) for image in decoded]
     out = list(items)
     for i, image in zip(raw, decoded):
-        out[i] = fit_to_size(image, pp) if image is not None else None
+        out[i] = image
     return out
 
 
-def _nvjpeg_one(data: torch.Tensor, source, device: torch.device, skip_bad: bool) -> Optional[torch.Tensor]:
-    from torchvision.io import ImageReadMode, decode_jpeg
-
+def _decode_one(decoder, data: torch.Tensor, source, pp: Preprocess, device: torch.device,
+                skip_bad: bool) -> Optional[torch.Tensor]:
     try:
-        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-    except RuntimeError as err:
+        return fit_to_size(decoder.decode([data], device)[0], pp)
+    except RuntimeError:
+        pass  # the GPU decoder's refusal; the CPU has the last word
+    try:
+        return load_sized(source, pp).to(device)
+    except DataError:
         if skip_bad:
             return None
-        raise DataError(f"{source}: cannot read image: {err}") from None
+        raise

@@ -720,11 +720,11 @@ def _walk_nodes(root: yaml.Node, name: str) -> list[Problem]:
     """Count nodes as they would expand (aliases included) and check each mapping's keys once.
 
     Raises at the first bound crossed; returns duplicate keys (at their second copy) and
-    strings with NUL bytes as problems."""
+    strings with NUL bytes as problems, each at its dotted path."""
     problems, count, seen_maps = [], 0, set()
-    stack = [(root, 1)]
+    stack: list[tuple[yaml.Node, int, tuple]] = [(root, 1, ())]
     while stack:
-        node, depth = stack.pop()
+        node, depth, path = stack.pop()
         count += 1
         if count > MAX_NODES:
             raise RecipeError([Problem(name, None, "", f"the recipe expands to more than {MAX_NODES:,} YAML nodes "
@@ -733,18 +733,24 @@ def _walk_nodes(root: yaml.Node, name: str) -> list[Problem]:
             raise RecipeError([Problem(name, node.start_mark.line + 1, "", f"YAML nested deeper than {MAX_DEPTH} levels")])
         if isinstance(node, yaml.ScalarNode):
             if "\x00" in str(node.value):
-                problems.append(Problem(name, node.start_mark.line + 1, "", "a NUL byte in a value"))
+                problems.append(Problem(name, node.start_mark.line + 1, _dotted(path), "a NUL byte in a value"))
         elif isinstance(node, yaml.MappingNode):
             if id(node) not in seen_maps:  # an alias repeats a mapping: report its keys once
                 seen_maps.add(id(node))
-                problems.extend(_duplicate_keys(node, name))
-            stack.extend((child, depth + 1) for pair in node.value for child in pair)
+                problems.extend(_duplicate_keys(node, name, path))
+            for key, value in node.value:
+                here = (*path, key.value if isinstance(key, yaml.ScalarNode) else "?")
+                stack.extend(((key, depth + 1, here), (value, depth + 1, here)))
         elif isinstance(node, yaml.SequenceNode):
-            stack.extend((child, depth + 1) for child in node.value)
+            stack.extend((child, depth + 1, (*path, i)) for i, child in enumerate(node.value))
     return problems
 
 
-def _duplicate_keys(node: yaml.MappingNode, name: str) -> list[Problem]:
+def _dotted(path: tuple) -> str:
+    return ".".join(_shown(str(p), 40) for p in path)
+
+
+def _duplicate_keys(node: yaml.MappingNode, name: str, path: tuple) -> list[Problem]:
     first: dict[str, int] = {}
     problems = []
     for key, _ in node.value:
@@ -752,8 +758,8 @@ def _duplicate_keys(node: yaml.MappingNode, name: str) -> list[Problem]:
             continue
         line = key.start_mark.line + 1
         if key.value in first:
-            problems.append(Problem(name, line, str(key.value), f"duplicate key (first given at line {first[key.value]}); "
-                                                                "YAML would silently keep this one"))
+            problems.append(Problem(name, line, _dotted((*path, key.value)), f"duplicate key (first given at line "
+                                                                             f"{first[key.value]}); YAML would silently keep this one"))
         else:
             first[key.value] = line
     return problems
@@ -846,29 +852,41 @@ def _check_semantics(recipe: Recipe) -> list[Problem]:
     return problems
 
 
+# pydantic names the member of a Union that failed inside the location ("constrained-int",
+# "literal['auto']", "function-after[...]", "list[str]"): not a key the user wrote.
+_UNION_TAG = re.compile(r"[\[\]()\-]|^(int|float|str|bool|list|dict|tuple|none|json-or-python)$")
+
+
 def _problems(err: ValidationError, source: RecipeSource) -> list[Problem]:
-    problems = []
+    merged: dict[tuple, list[str]] = {}
     for e in err.errors():
-        loc = tuple(e["loc"])
-        kind = e["type"]
-        if kind == "extra_forbidden":
-            key = str(loc[-1])
-            fields = _field_names(loc[:-1])
-            message = f"unknown key '{key}'{did_you_mean(key, fields)}"
-            if not did_you_mean(key, fields):
-                message += f" (expected one of: {', '.join(fields)})"
-        elif kind == "missing":
-            message = "required key is missing"
-        elif kind == "literal_error":
-            choices = _literal_choices(loc)
-            message = f"{e['input']!r} is not one of {', '.join(choices)}{did_you_mean(str(e['input']), choices)}"
-        elif kind == "value_error":
-            message = str(e["ctx"].get("error", e["msg"]))
-        else:
-            message = e["msg"]
-        problems.append(source.problem(loc, message))
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and _UNION_TAG.search(p)))
+        merged.setdefault(loc, [])
+        message = _message(e, loc)
+        if message not in merged[loc]:
+            merged[loc].append(message)
+    # A value no member of a Union takes fails once per member: one line, its reasons joined.
+    problems = [source.problem(loc, "; or ".join(messages)) for loc, messages in merged.items()]
     problems.sort(key=_reading_order)
     return problems
+
+
+def _message(e: dict, loc: tuple) -> str:
+    """One pydantic error as a sentence for the user (`loc`: where, union tags removed)."""
+    kind = e["type"]
+    if kind == "extra_forbidden":
+        key = str(loc[-1])
+        fields = _field_names(loc[:-1])
+        message = f"unknown key '{key}'{did_you_mean(key, fields)}"
+        return message if did_you_mean(key, fields) else message + f" (expected one of: {', '.join(fields)})"
+    if kind == "missing":
+        return "required key is missing"
+    if kind == "literal_error":
+        choices = _literal_choices(loc)
+        return f"{e['input']!r} is not one of {', '.join(choices)}{did_you_mean(str(e['input']), choices)}"
+    if kind == "value_error":
+        return str(e["ctx"].get("error", e["msg"]))
+    return e["msg"]
 
 
 def _reading_order(problem: Problem) -> tuple:
@@ -970,6 +988,8 @@ def _set_path(data: Any, parts: tuple, value: Any) -> Optional[str]:
             node[part] = value
         else:
             if isinstance(node, dict) and node.get(part) is None:
+                if isinstance(parts[i + 1], int):
+                    return f"{'.'.join(map(str, parts[: i + 1]))} is not in the recipe: there is no item {parts[i + 1]} to set"
                 node[part] = {}
             node = node[part]
     return None
