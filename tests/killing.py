@@ -62,7 +62,8 @@ class Changes:
     tl replaces its state files atomically, so each write is a new inode."""
 
     def __init__(self, path: Path):
-        self.path, self.count, self.last = Path(path), 0, self._stat()
+        self.path = Path(path)
+        self.count, self.last = 0, self._stat()
 
     def _stat(self):
         try:

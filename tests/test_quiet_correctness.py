@@ -193,10 +193,13 @@ class _Flaky:
                         self.send_response(503)
                         self.end_headers()
                         return
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(BODY)))
-                self.end_headers()
-                self.wfile.write(BODY)
+                try:
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(BODY)))
+                    self.end_headers()
+                    self.wfile.write(BODY)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up on a slow answer, as it should
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/{name}"

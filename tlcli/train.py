@@ -392,7 +392,10 @@ def rank_share(order: list[int], rank: int, world: int) -> list[int]:
     single-process order at world x the batch size; every rank runs the same number of steps."""
     if world == 1:
         return order
-    padded = order + order[: (-len(order)) % world]
+    # DistributedSampler's padding repeats the order cyclically: with fewer items than ranks,
+    # more than once (a single item is every rank's one step).
+    padding = (-len(order)) % world
+    padded = order + (order * math.ceil(padding / max(len(order), 1)))[:padding]
     return padded[rank::world]
 
 
