@@ -268,7 +268,9 @@ def test_a_cache_that_lies_is_damage_not_data(built_cache, tmp_path, cli, tamper
 
 @pytest.mark.parametrize("tamper", [
     lambda c: _manifest(c, lambda m: m.update(splits={})),
-    lambda c: _manifest(c, lambda m: m["splits"]["train"]["shards"][0].update(file="../../../../etc/hostname")),
+    # Out of the cache and back into it: a file that is there, at the size the manifest says.
+    lambda c: _manifest(c, lambda m: m["splits"]["train"]["shards"][0].update(
+        file=f"../{c.name}/{m['splits']['train']['shards'][1]['file']}")),
     lambda c: _manifest(c, lambda m: m.update(key="0" * 24)),
 ], ids=["empty-splits", "path-outside", "other-key"])
 def test_a_manifest_that_does_not_hold_is_never_read_and_the_cache_is_rebuilt(built_cache, tmp_path, cli, tamper):

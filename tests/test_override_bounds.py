@@ -54,11 +54,12 @@ def test_a_seed_over_32_bits_is_refused_from_an_override_too(tmp_path):
         parse_recipe(yaml.safe_dump(tiny_recipe(tmp_path)), "r.yaml", ["fine_tune.seed=4294967296"])
 
 
-def test_five_thousand_overrides_are_answered_quickly_and_all_reported(tmp_path):
+def test_twenty_thousand_overrides_are_answered_and_all_reported(tmp_path):
     path = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path))
-    overrides = [f"fine_tune.k{i}=1" for i in range(5000)]
-    # The deadline guards against the quadratic matching that took minutes; it is not a timing.
+    overrides = [f"fine_tune.k{i}=1" for i in range(20_000)]
+    # A deadline, not a timing: the quadratic matching took 244 s for these on an idle machine
+    # (17 s for 5,000); matching by path takes about 4 s, so even a busy machine is far inside it.
     done = run_tl("validate", path, *overrides, timeout=120)
     assert done.returncode == 1
     lines = done.stderr.strip().splitlines()
-    assert len(lines) == 5000 and all(line.startswith(f"error: override fine_tune.k") for line in lines)
+    assert len(lines) == 20_000 and all(line.startswith("error: override fine_tune.k") for line in lines)

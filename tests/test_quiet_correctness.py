@@ -86,16 +86,14 @@ def test_every_timm_pretrained_config_is_preprocessed_as_timm_does():
 
 
 def test_a_timm_model_with_a_squash_config_gets_it():
-    import timm
+    import math
 
     from tlcli.recipe import BaseSpec
     from tlcli.zoo import build_base
 
-    name = "convnext_atto"
-    cfg = timm.models.get_pretrained_cfg(name)
-    zoo = build_base(BaseSpec.model_validate({"zoo": "timm", "model": name, "weights": "none"}))
-    assert zoo.preprocess.mode == {"center": "center_crop"}.get(cfg.crop_mode or "center", cfg.crop_mode)
-    assert zoo.preprocess.resize == int(zoo.preprocess.size // cfg.crop_pct)
+    # tf_efficientnetv2_b3's pretrained config: crop_mode squash, crop_pct 0.9, 240 px.
+    zoo = build_base(BaseSpec.model_validate({"zoo": "timm", "model": "tf_efficientnetv2_b3", "weights": "none"}))
+    assert (zoo.preprocess.mode, zoo.preprocess.size, zoo.preprocess.resize) == ("squash", 240, math.floor(240 / 0.9))
 
 
 # --------------------------------------------------------------------------- devices

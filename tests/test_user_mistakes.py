@@ -4,6 +4,7 @@ operating system refusing a path, out of memory, and run or cache files someone 
 
 import json
 import os
+import re
 import resource
 import shutil
 import subprocess
@@ -188,8 +189,9 @@ def _edit_json(path, change):
      "does not fit the run's model"),
     (lambda r: _edit_json(r / "checkpoint.json", lambda m: m.update(class_names=["a", "a", "b"])),
      "a class name appears twice"),
-    (lambda r: (r / "checkpoint.json").write_text((r / "checkpoint.json").read_text().replace(
-        '"mean": [', '"mean": [NaN, ', 1)), "checkpoint.json: damaged (preprocess.mean"),
+    (lambda r: (r / "checkpoint.json").write_text(re.sub(r'("mean": \[\s*)[-0-9.e]+', r"\1NaN",
+                                                          (r / "checkpoint.json").read_text(), count=1)),
+     "checkpoint.json: damaged (preprocess.mean.0"),
 ])
 def test_a_tampered_checkpoint_is_one_line_naming_the_file(run_dir, tmp_path, cli, tamper, fragment):
     run = _copy(run_dir, tmp_path)
