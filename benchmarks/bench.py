@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -108,10 +107,10 @@ def tl_featurize(recipe: Path, force: bool = True) -> tuple[float, float, int]:
 
 
 def frozen_lite0(device: torch.device):
-    from tlcli.build import prepare
-    from tlcli.recipe import load_recipe
+    from tlcli.model.build import build_network
+    from tlcli.config.reading import load_recipe
 
-    prepared = prepare(load_recipe(REPO / "recipes" / "quickstart.yaml"), [str(i) for i in range(10)])
+    prepared = build_network(load_recipe(REPO / "recipes" / "quickstart.yaml"), [str(i) for i in range(10)])
     return prepared.extractor().eval().to(device, memory_format=torch.channels_last), prepared.preprocess
 
 
@@ -229,7 +228,7 @@ def shard_check_cost(work: Path) -> tuple[float, float, int]:
     digest, shapes, labels), and with a bare `load_file`; the bytes read."""
     from safetensors.torch import load_file
 
-    from tlcli.features import open_cache
+    from tlcli.engine.cache import open_cache
 
     cache = open_cache(max((work / "cache-photos").glob("*/manifest.json"), key=lambda m: m.stat().st_mtime).parent)
     names = [name for split in cache.manifest["splits"] for name in cache.shards(split)]
@@ -251,7 +250,7 @@ def shard_check_cost(work: Path) -> tuple[float, float, int]:
 
 
 def main() -> None:
-    from tlcli.pipeline import available_cores
+    from tlcli.data.pipeline import available_cores
 
     parser = argparse.ArgumentParser()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -16,9 +16,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tlcli.evaluate import evaluate  # noqa: E402
-from tlcli.recipe import load_recipe  # noqa: E402
-from tlcli.train import fit  # noqa: E402
+from tlcli.engine.evaluate import evaluate  # noqa: E402
+from tlcli.config.schema import load_recipe  # noqa: E402
+from tlcli.engine.train import fit  # noqa: E402
 
 
 def run(name: str) -> tuple[dict, float]:

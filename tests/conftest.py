@@ -42,17 +42,30 @@ def write_recipe(path: Path, recipe: dict | str) -> Path:
     return path
 
 
+def invoke(*args, cwd: Path | None = None):
+    """`tl ARGS` in-process (the one test wrapper of click's runner), from `cwd` when given:
+    the result, with its exit code and its output (stdout and stderr, together and apart).
+    An exception that is not an exit is our bug: it is raised, with its traceback."""
+    from tlcli.cli import app
+
+    old = Path.cwd()
+    if cwd is not None:
+        os.chdir(cwd)
+    try:
+        result = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=True)
+    finally:
+        os.chdir(old)
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
 @pytest.fixture
 def cli():
     """Run `tl ARGS...` in-process; returns (exit_code, output)."""
-    from tlcli.cli import app
-
-    runner = CliRunner()
 
     def run(*args: str):
-        result = runner.invoke(app, [str(a) for a in args], catch_exceptions=True)
-        if result.exception and not isinstance(result.exception, SystemExit):
-            raise result.exception  # our bug: surface the traceback in the test
+        result = invoke(*args)
         return result.exit_code, result.output
 
     return run

@@ -5,15 +5,15 @@ import os
 import subprocess
 import sys
 
-import pytest
 import torch
 from safetensors.torch import save_file
 
-from tlcli.data import plan_data
-from tlcli.features import cache_key, featurize, key_components, open_cache
-from tlcli.models import TinyResNet
-from tlcli.recipe import Recipe
-from tlcli.build import prepare
+from tlcli.data.sources import plan_data
+from tlcli.engine.cache import cache_key, open_cache
+from tlcli.engine.features import featurize, key_components
+from tlcli.model.tiny import TinyResNet
+from tlcli.config.schema import Recipe
+from tlcli.model.build import build_network
 
 from killing import kill_when, start
 from conftest import make_imagefolder, tiny_recipe, write_recipe
@@ -22,7 +22,7 @@ from conftest import make_imagefolder, tiny_recipe, write_recipe
 def key_of(recipe_dict) -> str:
     recipe = Recipe.model_validate(recipe_dict)
     plan = plan_data(recipe.data)
-    prepared = prepare(recipe, plan.class_names)
+    prepared = build_network(recipe, plan.class_names)
     return cache_key(key_components(prepared, plan, prepared.extractor(), recipe.cache.dtype))
 
 
@@ -88,7 +88,7 @@ def test_second_featurize_hits_and_fit_reuses(tmp_path, cli):
 def test_cache_layout_and_manifest(tmp_path):
     recipe = Recipe.model_validate(tiny_recipe(tmp_path, cache={"shard_size": 40}))
     plan = plan_data(recipe.data)
-    prepared = prepare(recipe, plan.class_names)
+    prepared = build_network(recipe, plan.class_names)
     cache = featurize(prepared, plan, torch.device("cpu"), recipe.cache, recipe.data)
     m = json.loads((cache.path / "manifest.json").read_text())
     assert [f["name"] for f in m["frontier"]] == ["stem.2", "block.1"]
@@ -116,7 +116,7 @@ def test_killed_featurize_leaves_no_accepted_cache_and_is_rebuilt(tmp_path):
 
     r = Recipe.model_validate(recipe)
     plan = plan_data(r.data)
-    prepared = prepare(r, plan.class_names)
+    prepared = build_network(r, plan.class_names)
     cache = featurize(prepared, plan, torch.device("cpu"), r.cache, r.data)
     assert cache.key == key and open_cache(cache_root / key) is not None
     assert not list(cache_root.glob("*.tmp-*")), "the dead run's partial directory is cleaned up"
@@ -147,7 +147,7 @@ def test_featurize_force_never_swaps_a_cache_out_from_under_a_fit(tmp_path):
     """A fit holds its cache open (shared lock) for the whole run; a forced rebuild is
     built beside it and swapped in only after the fit is done."""
     from tlcli.files import file_lock
-    from tlcli.features import read_lock
+    from tlcli.engine.cache import read_lock
 
     path = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path))
     assert subprocess.run([sys.executable, "-m", "tlcli", "featurize", str(path)], capture_output=True).returncode == 0

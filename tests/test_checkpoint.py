@@ -7,11 +7,11 @@ import pytest
 import torch
 import yaml
 
-from tlcli.checkpoint import load_checkpoint
+from tlcli.run.checkpoint import load_checkpoint
 from tlcli.errors import RunError
-from tlcli.recipe import Recipe
-from tlcli.rundir import ResumeState, RunDir
-from tlcli.train import FitHooks, fit
+from tlcli.config.schema import Recipe
+from tlcli.run.rundir import ResumeState, RunDir
+from tlcli.engine.train import FitHooks, fit
 
 from conftest import tiny_recipe, write_recipe
 

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from tlcli.data import plan_data, safe_extract, stratified_split
-from tlcli.pipeline import read_image
+from tlcli.data.sources import plan_data, stratified_split
+from tlcli.data.download import safe_extract
+from tlcli.data.pipeline import read_image
 from tlcli.errors import DataError
-from tlcli.recipe import Recipe
+from tlcli.config.schema import Recipe
 
 from conftest import LocalServer, make_imagefolder, tiny_recipe
 

@@ -142,7 +142,7 @@ def test_a_dead_rank_stops_the_run_and_resume_on_two_ranks_finishes_it(tmp_path)
 
 @pytest.mark.slow
 def test_a_rank_killed_while_featurizing_leaves_no_cache_that_is_accepted(tmp_path):
-    from tlcli.features import open_cache
+    from tlcli.engine.cache import open_cache
 
     recipe = tiny_recipe(tmp_path, base={"input_size": 192}, data={"limit": None, "batch_size": 16},
                          cache={"shard_size": 16})
@@ -178,7 +178,7 @@ def test_fit_nproc_runs_torchrun_for_the_user(tmp_path):
 def test_rank_shares_are_distributed_samplers_and_batches_add_up(n, world):
     from torch.utils.data import DistributedSampler
 
-    from tlcli.train import rank_share
+    from tlcli.engine.stage import rank_share
 
     order = torch.randperm(n, generator=torch.Generator().manual_seed(n * 31 + world)).tolist()
 
@@ -205,12 +205,14 @@ def test_rank_shares_are_distributed_samplers_and_batches_add_up(n, world):
 
 def test_the_recipe_says_which_batch_it_sets():
     from tlcli.errors import SpecError
-    from tlcli.recipe import DistributedSpec, parse_recipe
-    from tlcli.train import rank_batch_size
+    from tlcli.config.schema import DistributedSpec
+    from tlcli.config.stages import plan_stages
+    from tlcli.config.reading import parse_recipe
+    from tlcli.engine.stage import rank_batch_size
 
     recipe = parse_recipe("base: {zoo: tl, model: tiny_resnet, weights: none}\ndata: {dataset: digits}\n"
                           "fine_tune: {batch_size: 32}\noutput_dir: runs/x\n")
-    stage = recipe.stage_plan()[0]
+    stage = plan_stages(recipe)[0]
     assert rank_batch_size(stage, DistributedSpec(), 4) == 8  # global by default
     assert rank_batch_size(stage, DistributedSpec(batch="per_rank"), 4) == 32
     with pytest.raises(SpecError, match="does not split evenly over 3 ranks"):
@@ -218,8 +220,8 @@ def test_the_recipe_says_which_batch_it_sets():
 
 
 def test_each_rank_gets_its_own_gpu(monkeypatch):
-    from tlcli.distributed import current
-    from tlcli.device import resolve_device
+    from tlcli.engine.distributed import current
+    from tlcli.engine.device import resolve_device
 
     assert str(resolve_device("auto", cuda_available=True, cuda_count=4, local_rank=3)) == "cuda:3"
     assert str(resolve_device("cuda", cuda_available=True, cuda_count=4, local_rank=2)) == "cuda:2"

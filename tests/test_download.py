@@ -8,8 +8,8 @@ import threading
 
 import pytest
 
-from tlcli.data import FLOWERS_SHA256, FLOWERS_URL, safe_extract
-from tlcli.download import download
+from tlcli.data.download import FLOWERS_SHA256, FLOWERS_URL, safe_extract
+from tlcli.data.download import download
 from tlcli.errors import DataError
 
 BODY = bytes(range(256)) * 64  # 16 KiB
@@ -93,7 +93,7 @@ def test_a_download_over_the_size_limit_is_refused(tmp_path, mode):
 def test_plain_http_is_refused_before_any_connection(tmp_path, monkeypatch):
     import urllib.request
 
-    from tlcli.download import download
+    from tlcli.data.download import download
 
     monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: pytest.fail("connected"))
     with pytest.raises(DataError, match="https only"):

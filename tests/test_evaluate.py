@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from tlcli.evaluate import score
+from tlcli.engine.evaluate import score
 
 from conftest import tiny_recipe, write_recipe
 
@@ -60,15 +60,15 @@ def test_evaluate_scores_from_the_cache_and_matches_the_raw_images(tmp_path):
     decoding and running the frozen part again; the scores are the same either way."""
     import shutil
 
-    from tlcli.evaluate import evaluate
-    from tlcli.recipe import Recipe
-    from tlcli.train import fit
+    from tlcli.engine.evaluate import evaluate
+    from tlcli.config.schema import Recipe
+    from tlcli.engine.train import fit
 
     import torch
 
-    from tlcli.checkpoint import load_checkpoint
-    from tlcli.data import plan_data
-    from tlcli.evaluate import cached_logits, model_logits
+    from tlcli.run.checkpoint import load_checkpoint
+    from tlcli.data.sources import plan_data
+    from tlcli.engine.inference import cached_logits, model_logits
     from tlcli.progress import Reporter
 
     recipe = Recipe.model_validate(tiny_recipe(tmp_path))

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from tlcli.errors import RecipeError
-from tlcli.recipe import FineTuneSpec, Recipe, parse_recipe
-from tlcli.optim import lr_factor, make_optimizer
-from tlcli.train import fit
+from tlcli.config.schema import FineTuneSpec, Recipe
+from tlcli.config.reading import parse_recipe
+from tlcli.engine.optim import lr_factor, make_optimizer
+from tlcli.engine.train import fit
 
 from conftest import tiny_recipe
 

@@ -5,21 +5,20 @@ import json
 import pytest
 import torch
 
-from tlcli.checkpoint import load_checkpoint
-from tlcli.data import plan_data
-from tlcli.pipeline import ImageLoader
-from tlcli.errors import RunError
-from tlcli.features import featurize
-from tlcli.recipe import Recipe
-from tlcli.build import prepare
-from tlcli.train import fit
+from tlcli.run.checkpoint import load_checkpoint
+from tlcli.data.sources import plan_data
+from tlcli.data.pipeline import ImageLoader
+from tlcli.engine.features import featurize
+from tlcli.config.schema import Recipe
+from tlcli.model.build import build_network
+from tlcli.engine.train import fit
 
 from conftest import tiny_recipe, write_recipe
 
 
 def _initial_state(recipe: Recipe):
     plan = plan_data(recipe.data)
-    prepared = prepare(recipe, plan.class_names)
+    prepared = build_network(recipe, plan.class_names)
     frozen = set(prepared.split.frozen_state_names(prepared.model))
     return {k: v.clone() for k, v in prepared.model.state_dict().items()}, frozen
 
@@ -70,7 +69,7 @@ def test_head_on_cached_features_equals_full_model_on_raw_images(tmp_path, optim
     """The quickstart's setup on a few digits: cache + head == checkpointed full model."""
     import timm
 
-    from tlcli.zoo import load_embedded_lite0
+    from tlcli.model.zoo import load_embedded_lite0
 
     recipe = Recipe.model_validate(tiny_recipe(
         tmp_path,
@@ -91,7 +90,7 @@ def test_head_on_cached_features_equals_full_model_on_raw_images(tmp_path, optim
     assert len(frozen) == 294 and all(torch.equal(state[k], reference[k]) for k in frozen)
 
     plan = plan_data(recipe.data)
-    prepared = prepare(recipe, plan.class_names)
+    prepared = build_network(recipe, plan.class_names)
     prepared.model.load_state_dict(state)
     cache = featurize(prepared, plan, torch.device("cpu"), recipe.cache, recipe.data)
     head = prepared.trainable().eval()

@@ -21,8 +21,9 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from tlcli.cli import app
-from tlcli.recipe import Recipe
+from tlcli.config.schema import Recipe
+
+from conftest import invoke
 
 CASES = int(os.environ.get("TL_FUZZ_CASES", "120"))
 
@@ -201,8 +202,6 @@ def mutated(rng: random.Random):
 
 def run_commands(text: str, overrides=(), commands=("validate", "fit", "evaluate")) -> list[tuple[str, int, str]]:
     """Each command on the recipe while the previous ones succeed: (command, exit code, output)."""
-    from typer.testing import CliRunner
-
     results = []
     home = os.getcwd()
     with tempfile.TemporaryDirectory() as tmp:
@@ -214,10 +213,10 @@ def run_commands(text: str, overrides=(), commands=("validate", "fit", "evaluate
         try:
             for command in commands:
                 args = [command, str(path), *overrides] if command != "evaluate" else [command, str(path), *overrides]
-                result = CliRunner().invoke(app, args, catch_exceptions=True)
-                if result.exception and not isinstance(result.exception, SystemExit):
-                    raise AssertionError(f"traceback from `tl {command}` for this recipe and {overrides}:\n{text}") \
-                        from result.exception
+                try:
+                    result = invoke(*args)
+                except Exception as err:  # noqa: BLE001 - any traceback is the finding
+                    raise AssertionError(f"traceback from `tl {command}` for this recipe and {overrides}:\n{text}") from err
                 results.append((command, result.exit_code, result.output))
                 if result.exit_code:
                     break

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from tlcli.graph import ModelGraph, TransferModel, frozen_extractor, split_at, trainable_part
-from tlcli.models import TinyResNet
-from tlcli.recipe import BaseSpec, WeightsSpec
-from tlcli.zoo import build_base
+from tlcli.model.graph import ModelGraph, PinnedNet, frozen_extractor, split_at, trainable_part
+from tlcli.model.tiny import TinyResNet
+from tlcli.config.schema import BaseSpec, WeightsSpec
+from tlcli.model.zoo import build_base
 
 
 def _check_equivalence(model, zoo, boundary, size):
@@ -54,7 +54,7 @@ def test_frozen_bn_and_dropout_stay_in_eval_through_train():
     model = TinyResNet()
     graph = ModelGraph.trace(model, "tl")
     split = split_at(graph, [graph.resolve("block.1")])
-    transfer = TransferModel(model, split.frozen_module_names())
+    transfer = PinnedNet(model, split.frozen_module_names())
     frozen_before = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(("stem.", "block.0.", "block.1."))}
     trainable_bn_before = model.block[4].running_mean.clone()
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, weight_decay=0.1)
@@ -89,8 +89,8 @@ _built: dict = {}
 
 
 def _prepared(zoo, model, weights, tmp_path_factory):
-    from tlcli.recipe import Recipe
-    from tlcli.build import prepare
+    from tlcli.config.schema import Recipe
+    from tlcli.model.build import build_network
 
     if (zoo, model) not in _built:
         tmp = tmp_path_factory.mktemp(model)
@@ -99,7 +99,7 @@ def _prepared(zoo, model, weights, tmp_path_factory):
             "data": {"dataset": "digits"}, "output_dir": str(tmp / "run"), "fine_tune": {"seed": 0},
         })
         _built.clear()  # one big model in memory at a time
-        _built[(zoo, model)] = (recipe, prepare(recipe, [str(i) for i in range(7)]))
+        _built[(zoo, model)] = (recipe, build_network(recipe, [str(i) for i in range(7)]))
     return _built[(zoo, model)]
 
 
@@ -107,7 +107,7 @@ def _prepared(zoo, model, weights, tmp_path_factory):
 @pytest.mark.parametrize("zoo,model,weights,boundary", [(*k, b) for k, bs in EQUIVALENCE.items() for b in bs],
                          ids=lambda v: v if isinstance(v, str) and v not in ("none", "embedded", "timm", "torchvision") else "")
 def test_frontier_plus_trainable_equals_full_model_and_frozen_gets_no_gradient(zoo, model, weights, boundary, tmp_path_factory):
-    from tlcli.recipe import FreezeSpec
+    from tlcli.config.schema import FreezeSpec
 
     recipe, base = _prepared(zoo, model, weights, tmp_path_factory)
     prepared = base.with_freeze(FreezeSpec(until=boundary))
@@ -115,7 +115,7 @@ def test_frontier_plus_trainable_equals_full_model_and_frozen_gets_no_gradient(z
     assert len(split.frontier) == (2 if boundary in MID_BLOCK else 1), split.frontier_names
     torch.manual_seed(0)
     x = torch.randn(2, 3, 64, 64)
-    transfer = prepared.transfer_model().eval()
+    transfer = prepared.pinned().eval()
     extractor, trainable = prepared.extractor(), prepared.trainable()
     with torch.no_grad():
         full = transfer(x)

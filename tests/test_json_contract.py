@@ -7,8 +7,8 @@ import json
 import pytest
 
 from tlcli.cli import EXIT_CODES, main
-from tlcli.recipe import Recipe
-from tlcli.train import fit
+from tlcli.config.schema import Recipe
+from tlcli.engine.train import fit
 
 from conftest import make_imagefolder, tiny_recipe, write_recipe
 
@@ -71,12 +71,12 @@ def test_every_exit_code_prints_one_object(tmp_path, run_dir, capsys, code):
 @pytest.mark.parametrize("code,fault", [(70, _bug), (130, _interrupt)], ids=["bug", "interrupt"])
 @pytest.mark.parametrize("verb", ["validate", "fit", "evaluate"])
 def test_a_crash_or_an_interrupt_prints_one_object_too(tmp_path, run_dir, capsys, monkeypatch, code, fault, verb):
-    import tlcli.evaluate
-    import tlcli.inspect
-    import tlcli.train
+    import tlcli.engine.evaluate
+    import tlcli.engine.inspect
+    import tlcli.engine.train
 
-    target = {"validate": (tlcli.inspect, "validate_recipe"), "fit": (tlcli.train, "fit"),
-              "evaluate": (tlcli.evaluate, "evaluate")}[verb]
+    target = {"validate": (tlcli.engine.inspect, "validate_recipe"), "fit": (tlcli.engine.train, "fit"),
+              "evaluate": (tlcli.engine.evaluate, "evaluate")}[verb]
     monkeypatch.setattr(*target, fault)
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path))
     got, out, err = _run(capsys, verb, run_dir if verb == "evaluate" else recipe, "--json")

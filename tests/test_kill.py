@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tlcli.features import open_cache
+from tlcli.engine.cache import open_cache
 
 from conftest import run_tl, tiny_recipe, write_recipe
 from killing import Changes, files_appeared, kill_when, seeded, start

@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 
-from tlcli.recipe import Recipe
-from tlcli.train import fit
+from tlcli.config.schema import Recipe
+from tlcli.engine.train import fit
 
 from conftest import tiny_recipe, write_recipe
 

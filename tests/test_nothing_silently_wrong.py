@@ -9,8 +9,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from tlcli.recipe import Recipe
-from tlcli.train import FitHooks, fit
+from tlcli.engine.train import FitHooks, fit
 
 from conftest import make_imagefolder, tiny_recipe, write_recipe
 
@@ -89,7 +88,7 @@ def test_skipping_every_image_of_a_class_is_an_error_naming_it(tmp_path, cli, st
 
 
 def _weights_file(tmp_path, change):
-    from tlcli.models import TL_MODELS
+    from tlcli.model.tiny import TL_MODELS
 
     model, _ = TL_MODELS["tiny_resnet"]()
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -128,7 +127,7 @@ def interrupted(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("interrupted")
     recipe = tiny_recipe(tmp, fine_tune={"epochs": 6})
     path = write_recipe(tmp / "r.yaml", recipe)
-    from tlcli.recipe import load_recipe
+    from tlcli.config.reading import load_recipe
 
     with pytest.raises(KeyboardInterrupt):
         fit(load_recipe(path), hooks=_StopAt(4))
@@ -191,8 +190,8 @@ def test_an_untampered_copy_resumes(interrupted, tmp_path, cli):
 
 @pytest.fixture(scope="module")
 def built_cache(tmp_path_factory):
-    from tlcli.features import featurize_recipe
-    from tlcli.recipe import load_recipe
+    from tlcli.engine.features import featurize_recipe
+    from tlcli.config.reading import load_recipe
 
     tmp = tmp_path_factory.mktemp("cache")
     recipe = tiny_recipe(tmp, cache={"shard_size": 32}, data={"batch_size": 32}, fine_tune={"epochs": 2})

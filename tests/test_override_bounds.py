@@ -4,7 +4,7 @@ line can make tl hang, and thousands of overrides are answered at once."""
 import pytest
 
 from tlcli.errors import RecipeError
-from tlcli.recipe import parse_recipe
+from tlcli.config.reading import parse_recipe
 
 from conftest import run_tl, tiny_recipe, write_recipe
 

@@ -6,23 +6,23 @@ import pytest
 import torch
 from PIL import Image
 
-from tlcli.pipeline import (
+from tlcli.data.pipeline import (
     ImageLoader,
     NvjpegDecoder,
     _decode_with_pil,
     decode_threads,
-    decoder_name,
+    jpeg_decoder,
     fit_to_size,
     read_image,
     to_model_input,
 )
-from tlcli.preprocess import Preprocess
+from tlcli.model.preprocess import Preprocess
 
 PP = Preprocess(32, 32, "squash", (0.5,) * 3, (0.5,) * 3, "bilinear")
 
 
 def test_auto_threads_follow_the_cores_and_the_device(monkeypatch):
-    import tlcli.pipeline as pipeline
+    import tlcli.data.pipeline as pipeline
 
     monkeypatch.setattr(pipeline, "available_cores", lambda: 16)
     assert decode_threads("auto", torch.device("cuda")) == 15  # the GPU computes; the CPU decodes
@@ -33,12 +33,12 @@ def test_auto_threads_follow_the_cores_and_the_device(monkeypatch):
 
 
 def test_nvjpeg_is_chosen_on_cuda_only(monkeypatch):
-    assert decoder_name(torch.device("cpu")) == "libjpeg-turbo"
+    assert jpeg_decoder(torch.device("cpu")) == "libjpeg-turbo"
     assert ImageLoader([], PP, 4, torch.device("cpu"), 0).gpu_decoder is None
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert decoder_name(torch.device("cuda")) == "nvjpeg"
+    assert jpeg_decoder(torch.device("cuda")) == "nvjpeg"
     assert isinstance(ImageLoader([], PP, 4, torch.device("cuda"), 0).gpu_decoder, NvjpegDecoder)
-    assert decoder_name(torch.device("cpu")) == "libjpeg-turbo"
+    assert jpeg_decoder(torch.device("cpu")) == "libjpeg-turbo"
 
 
 class StandIn:
@@ -149,8 +149,8 @@ def test_threads_and_prefetch_give_the_same_batches_as_serial_loading(tmp_path):
 def test_decoders_and_resize_paths_bound_the_feature_difference(tmp_path):
     """torchvision.io and PIL decode JPEGs with the same libjpeg-turbo; the uint8 resize of the
     pipeline rounds where the old float path did not. Both must leave Lite0's features alone."""
-    from tlcli.recipe import BaseSpec, WeightsSpec
-    from tlcli.zoo import build_base
+    from tlcli.config.schema import BaseSpec, WeightsSpec
+    from tlcli.model.zoo import build_base
 
     base = build_base(BaseSpec(zoo="timm", model="tf_efficientnet_lite0", weights=WeightsSpec(name="embedded")))
     pp, cpu = base.preprocess, torch.device("cpu")

@@ -6,13 +6,15 @@ import json
 import pytest
 import torch
 
-from tlcli.build import prepare
-from tlcli.checkpoint import load_checkpoint
-from tlcli.data import plan_data
-from tlcli.features import featurize
-from tlcli.probe import L2_GRID, Probe, standardize
-from tlcli.recipe import Recipe
-from tlcli.train import cached_batches, run_epoch, StageModel, fit
+from tlcli.model.build import build_network
+from tlcli.run.checkpoint import load_checkpoint
+from tlcli.data.sources import plan_data
+from tlcli.engine.features import featurize
+from tlcli.engine.probe import L2_GRID, Probe, standardize
+from tlcli.config.schema import Recipe
+from tlcli.engine.cache import cached_batches
+from tlcli.engine.train import evaluate_epoch, fit
+from tlcli.engine.stage import StageForward
 
 from conftest import tiny_recipe, write_recipe
 
@@ -48,10 +50,10 @@ def test_auto_fits_a_linear_head_as_a_probe_and_saves_it_folded(tmp_path):
     # The saved (folded) head on the raw cached features scores exactly what training logged
     # with the standardised features and the unfolded head.
     plan = plan_data(recipe.data)
-    prepared = prepare(recipe, plan.class_names)
+    prepared = build_network(recipe, plan.class_names)
     prepared.model.load_state_dict(load_checkpoint(result.run_dir).model.net.state_dict())
     cache = featurize(prepared, plan, torch.device("cpu"), recipe.cache, recipe.data)
-    val = run_epoch(StageModel(prepared, False, torch.device("cpu")), cached_batches(cache, "val", 1024, None), "cpu")
+    val = evaluate_epoch(StageForward(prepared, False, torch.device("cpu")), cached_batches(cache, "val", 1024, None), "cpu")
     assert val["loss"] == pytest.approx(rows[-1]["val_loss"], abs=1e-5)
     assert val["acc"] == rows[-1]["val_acc"]
 
@@ -78,7 +80,7 @@ def test_lbfgs_where_it_cannot_apply_is_a_recipe_error_at_its_line(tmp_path, cli
 
 
 def test_the_l2_with_the_best_val_score_is_chosen():
-    from tlcli.probe import choose_l2
+    from tlcli.engine.probe import choose_l2
 
     scores = {1e-4: {"acc": 0.90, "loss": 0.30}, 1e-3: {"acc": 0.95, "loss": 0.40}, 1e-2: {"acc": 0.95, "loss": 0.35}}
     assert choose_l2(lambda l2: scores[l2]) == 1e-2  # best accuracy, then lowest loss
@@ -105,9 +107,9 @@ def test_the_probe_fit_matches_scikit_learns_logistic_regression():
     from sklearn.datasets import load_digits
     from sklearn.linear_model import LogisticRegression
 
-    from tlcli.optim import make_optimizer
-    from tlcli.probe import lbfgs_epoch
-    from tlcli.recipe import FineTuneSpec
+    from tlcli.engine.optim import make_optimizer
+    from tlcli.engine.probe import lbfgs_epoch
+    from tlcli.config.schema import FineTuneSpec
 
     x, y = load_digits(return_X_y=True)
     x_train, y_train, x_test, y_test = x[:1200], y[:1200], x[1200:], y[1200:]

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from tlcli.errors import DataError, SpecError, WeightsError
+from tlcli.errors import SpecError, WeightsError
 
 from conftest import tiny_recipe
 
@@ -22,24 +22,24 @@ from conftest import tiny_recipe
 
 
 def test_sync_batchnorm_layers_train_and_frozen_ones_stay_in_eval():
-    from tlcli.build import prepare
-    from tlcli.recipe import Recipe
-    from tlcli.train import StageModel, use_sync_batchnorm
+    from tlcli.model.build import build_network
+    from tlcli.config.schema import Recipe
+    from tlcli.engine.stage import StageForward, use_sync_batchnorm
 
     recipe = Recipe.model_validate(tiny_recipe(__import__("pathlib").Path("/tmp"), freeze={"until": "stem"}))
-    prepared = prepare(recipe, [str(i) for i in range(10)])
-    model = StageModel(prepared, on_images=True, device=torch.device("cpu"))
+    prepared = build_network(recipe, [str(i) for i in range(10)])
+    model = StageForward(prepared, on_images=True, device=torch.device("cpu"))
     before = {n: m.weight.data_ptr() for n, m in model.trainable.named_modules() if isinstance(m, nn.BatchNorm2d)}
-    converted = use_sync_batchnorm(model.transfer.net, model.trainable, model.transfer.frozen_modules)
+    converted = use_sync_batchnorm(model.pinned.net, model.trainable, model.pinned.frozen_modules)
     assert converted and set(converted) == set(before) and not any(n.startswith("stem") for n in converted)
     for mode in (True, False, True):
         model.train(mode)
         for name in converted:
             m = model.trainable.get_submodule(name)
             # One module object in the full model and in the trainable part, sharing the old parameters.
-            assert isinstance(m, nn.SyncBatchNorm) and model.transfer.net.get_submodule(name) is m
+            assert isinstance(m, nn.SyncBatchNorm) and model.pinned.net.get_submodule(name) is m
             assert m.weight.data_ptr() == before[name] and m.training is mode
-        assert not model.transfer.net.get_submodule("stem.1").training  # frozen BN: eval, always
+        assert not model.pinned.net.get_submodule("stem.1").training  # frozen BN: eval, always
 
 
 # --------------------------------------------------------------------------- timm's crop modes
@@ -60,8 +60,8 @@ def test_every_timm_pretrained_config_is_preprocessed_as_timm_does():
     from timm.data import create_transform, resolve_data_config
     from timm.models import get_pretrained_cfg
 
-    from tlcli.pipeline import fit_to_size
-    from tlcli.zoo import timm_preprocess
+    from tlcli.data.pipeline import fit_to_size
+    from tlcli.model.zoo import timm_preprocess
 
     picture = _smooth_picture()
     pil, tensor = Image.fromarray(picture), torch.from_numpy(picture).permute(2, 0, 1).contiguous()
@@ -88,8 +88,8 @@ def test_every_timm_pretrained_config_is_preprocessed_as_timm_does():
 def test_a_timm_model_with_a_squash_config_gets_it():
     import math
 
-    from tlcli.recipe import BaseSpec
-    from tlcli.zoo import build_base
+    from tlcli.config.schema import BaseSpec
+    from tlcli.model.zoo import build_base
 
     # tf_efficientnetv2_b3's pretrained config: crop_mode squash, crop_pct 0.9, 240 px.
     zoo = build_base(BaseSpec.model_validate({"zoo": "timm", "model": "tf_efficientnetv2_b3", "weights": "none"}))
@@ -100,7 +100,7 @@ def test_a_timm_model_with_a_squash_config_gets_it():
 
 
 def test_under_torchrun_an_explicit_gpu_is_refused_not_shared_by_every_rank():
-    from tlcli.device import resolve_device
+    from tlcli.engine.device import resolve_device
 
     with pytest.raises(SpecError, match="each rank takes its own GPU"):
         resolve_device("cuda:1", cuda_available=True, cuda_count=4, local_rank=0)
@@ -108,7 +108,7 @@ def test_under_torchrun_an_explicit_gpu_is_refused_not_shared_by_every_rank():
 
 
 def test_cuda_gets_the_determinism_switches_and_the_cpu_keeps_its_defaults():
-    code = ("import os, torch; from tlcli.device import make_deterministic; "
+    code = ("import os, torch; from tlcli.engine.device import make_deterministic; "
             "make_deterministic(torch.device(os.environ['DEV'])); "
             "print(torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(), "
             "torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, os.environ.get('CUBLAS_WORKSPACE_CONFIG'))")
@@ -148,20 +148,25 @@ def test_a_write_is_fsynced_before_its_rename_and_a_commit_fsyncs_the_directory(
 
 def test_the_files_that_commit_a_run_or_a_cache_fsync_their_directory(tmp_path, monkeypatch):
     from tlcli import files
-    from tlcli.recipe import Recipe
-    from tlcli.train import fit
+    from tlcli.config.schema import Recipe
+    from tlcli.engine.train import fit
 
-    committed = []
-    real = files.atomic_write
+    renamed, committed = [], set()
+    real_fsync, real_replace = os.fsync, os.replace
 
-    def spy(path, data, commit=False):
-        if commit:
-            committed.append(os.path.basename(path))
-        real(path, data, commit)
+    def replace(a, b):
+        renamed.append(os.path.basename(b))
+        real_replace(a, b)
 
-    monkeypatch.setattr(files, "atomic_write", spy)
+    def fsync(fd):
+        if os.path.isdir(f"/proc/self/fd/{fd}") and renamed:
+            committed.add(renamed[-1])  # the directory made durable right after this rename
+        real_fsync(fd)
+
+    monkeypatch.setattr(files.os, "replace", replace)
+    monkeypatch.setattr(files.os, "fsync", fsync)
     fit(Recipe.model_validate(tiny_recipe(tmp_path, fine_tune={"epochs": 1})))
-    assert {"tl-run.json", "manifest.json", "state.json", "checkpoint.json"} <= set(committed)
+    assert {"tl-run.json", "manifest.json", "state.json", "checkpoint.json"} <= committed, committed
 
 
 # --------------------------------------------------------------------------- one downloader
@@ -213,7 +218,7 @@ class _Flaky:
 
 @pytest.mark.parametrize("failure", ["503", "slow"])
 def test_server_errors_and_timeouts_are_retried_with_backoff(tmp_path, failure):
-    from tlcli.download import download
+    from tlcli.data.download import download
 
     with _Flaky(2, failure) as srv:
         path = download(srv.url, tmp_path / "f.bin", SHA, max_bytes=1 << 20, timeout=0.5)
@@ -221,7 +226,7 @@ def test_server_errors_and_timeouts_are_retried_with_backoff(tmp_path, failure):
 
 
 def test_torchvision_weights_come_through_the_same_downloader(tmp_path):
-    from tlcli.zoo import fetch_checkpoint
+    from tlcli.model.zoo import fetch_checkpoint
 
     name = f"weights-{SHA[:8]}.pth"
     with _Flaky(1, "503", name) as srv:

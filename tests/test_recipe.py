@@ -2,13 +2,12 @@
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
 from tlcli.errors import RecipeError, TLError
-from tlcli.recipe import load_recipe, parse_recipe
+from tlcli.config.reading import load_recipe, parse_recipe
 
 from conftest import REPO
 
@@ -27,7 +26,7 @@ def test_every_shipped_recipe_validates(path):
     assert recipe.output_dir
     if recipe.base.checkpoint is None:
         # Every layer name in the recipe exists in the model's graph (no weights, no data read).
-        from tlcli.inspect import validate_recipe
+        from tlcli.engine.inspect import validate_recipe
 
         validate_recipe(path)
 
@@ -126,7 +125,7 @@ def test_missing_file_is_a_user_error(tmp_path):
 
 
 def test_schema_and_cli_import_no_torch():
-    code = "import sys, tlcli.recipe, tlcli.cli; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, tlcli.config.reading, tlcli.cli; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -9,7 +9,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from tlcli.recipe import load_recipe
+from tlcli.config.reading import load_recipe
 
 from conftest import REPO, make_imagefolder, write_recipe
 

@@ -10,13 +10,15 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tlcli.checkpoint import load_checkpoint
-from tlcli.data import plan_data
-from tlcli.errors import RecipeError, RunError
-from tlcli.recipe import FineTuneSpec, Recipe, parse_recipe
-from tlcli.build import prepare
-from tlcli.optim import block_of, param_groups
-from tlcli.train import FitHooks, fit
+from tlcli.run.checkpoint import load_checkpoint
+from tlcli.data.sources import plan_data
+from tlcli.errors import RecipeError
+from tlcli.config.schema import FineTuneSpec, Recipe
+from tlcli.config.reading import parse_recipe
+from tlcli.model.build import build_network
+from tlcli.engine.optim import block_of, param_groups
+from tlcli.engine.train import FitHooks, fit
+from tlcli.config.stages import plan_stages
 
 from killing import kill_when, start
 from conftest import REPO, tiny_recipe, write_recipe
@@ -34,7 +36,7 @@ def two_stage(tmp_path, **sections) -> dict:
 
 
 def test_stage_plan_resolves_inputs_and_overrides(tmp_path):
-    stages = Recipe.model_validate(two_stage(tmp_path)).stage_plan()
+    stages = plan_stages(Recipe.model_validate(two_stage(tmp_path)))
     assert [(s.name, s.input, s.fine_tune.epochs, s.fine_tune.lr) for s in stages] == [
         ("head", "cache", 2, 0.01), ("deeper", "images", 3, 0.003)]
     assert stages[1].fine_tune.optimizer == "adam"  # inherited from the recipe's fine_tune
@@ -70,9 +72,9 @@ class StageEnds(FitHooks):
 def test_every_stage_keeps_its_frozen_part_bit_identical(tmp_path):
     recipe = Recipe.model_validate(two_stage(tmp_path))
     plan = plan_data(recipe.data)
-    prepared = prepare(recipe, plan.class_names)
+    prepared = build_network(recipe, plan.class_names)
     initial = {k: v.clone() for k, v in prepared.model.state_dict().items()}
-    stages = recipe.stage_plan()
+    stages = plan_stages(recipe)
     frozen = [set(prepared.for_stage(s).split.frozen_state_names(prepared.model)) for s in stages]
     assert frozen[1] < frozen[0] and "block.1.running_mean" in frozen[0] - frozen[1]
     hooks = StageEnds()
@@ -99,7 +101,7 @@ def test_frozen_part_stays_in_eval_while_training_on_images(tmp_path):
 
         def on_train_epoch_end(self, stage, epoch, model):
             if model.extractor is not None:
-                net = model.transfer.net
+                net = model.pinned.net
                 self.seen.append((net.get_submodule("stem.1").training, net.get_submodule("block.1").training))
 
     fit(Recipe.model_validate(two_stage(tmp_path)), hooks=Modes())
@@ -178,16 +180,18 @@ def test_early_stopping_keeps_the_best_epoch(tmp_path):
     # What fit reports is the kept (best) epoch's row, not the last one's.
     assert result.best_kept and result.final == rows[best] and result.final != rows[-1]
     # The saved model is the best epoch's: its val loss is the best one.
-    from tlcli.train import cached_batches, run_epoch, StageModel
-    from tlcli.features import featurize
+    from tlcli.engine.cache import cached_batches
+    from tlcli.engine.train import evaluate_epoch
+    from tlcli.engine.stage import StageForward
+    from tlcli.engine.features import featurize
 
     recipe = Recipe.model_validate(tiny_recipe(tmp_path, fine_tune=ft))
     ckpt = load_checkpoint(result.run_dir)
     plan = plan_data(recipe.data)
-    prepared = prepare(recipe, plan.class_names)
+    prepared = build_network(recipe, plan.class_names)
     prepared.model.load_state_dict(ckpt.model.net.state_dict())
     cache = featurize(prepared, plan, torch.device("cpu"), recipe.cache, recipe.data)
-    val = run_epoch(StageModel(prepared, False, torch.device("cpu")), cached_batches(cache, "val", 1024, None), "cpu")
+    val = evaluate_epoch(StageForward(prepared, False, torch.device("cpu")), cached_batches(cache, "val", 1024, None), "cpu")
     assert val["loss"] == pytest.approx(rows[best]["val_loss"], abs=1e-6)
 
 
@@ -228,11 +232,11 @@ def test_dropout_override_touches_only_trainable_dropout(tmp_path):
 
     fit(Recipe.model_validate(tiny_recipe(tmp_path, fine_tune={"dropout": 0.45, "epochs": 1})), hooks=Dropout())
     assert Dropout.p == 0.45
-    from tlcli.train import _apply_dropout
-    from tlcli.models import TinyResNet
+    from tlcli.engine.stage import apply_dropout
+    from tlcli.model.tiny import TinyResNet
 
     m = TinyResNet()
-    _apply_dropout(m, ["dropout"], 0.9)
+    apply_dropout(m, ["dropout"], 0.9)
     assert m.dropout.p == 0.2  # frozen dropout is left alone
 
 
@@ -243,7 +247,7 @@ def test_continue_from_checkpoint_with_a_new_boundary(tmp_path):
     r["base"] = {"checkpoint": str(first.run_dir)}
     recipe = Recipe.model_validate(r)
     plan = plan_data(recipe.data)
-    prepared = prepare(recipe, plan.class_names)
+    prepared = build_network(recipe, plan.class_names)
     # The base is the trained run, head included (same classes: continuing).
     start = prepared.model.state_dict()
     assert all(torch.equal(start[k], trained[k]) for k in trained)
@@ -264,9 +268,9 @@ def test_continue_from_a_missing_checkpoint_is_a_recipe_error(tmp_path, cli):
 
 
 def test_shipped_two_stage_recipe_plans_cache_then_images():
-    from tlcli.recipe import load_recipe
+    from tlcli.config.reading import load_recipe
 
-    stages = load_recipe(REPO / "recipes" / "digits-two-stage.yaml").stage_plan()
+    stages = plan_stages(load_recipe(REPO / "recipes" / "digits-two-stage.yaml"))
     assert [s.input for s in stages] == ["cache", "images"]
 
 
@@ -279,7 +283,7 @@ def test_resume_state_holds_only_trained_tensors_and_pins_the_rest(tmp_path, cli
     is rebuilt from the recipe on resume, and a changed weights file is refused."""
     from safetensors.torch import save_file
 
-    from tlcli.models import TinyResNet
+    from tlcli.model.tiny import TinyResNet
 
     def weights(seed):
         torch.manual_seed(seed)

@@ -6,8 +6,9 @@ import torch
 from torch import nn
 
 from tlcli.errors import RecipeError
-from tlcli.recipe import Recipe, parse_recipe
-from tlcli.build import prepare
+from tlcli.config.schema import Recipe
+from tlcli.config.reading import parse_recipe
+from tlcli.model.build import build_network
 
 from conftest import tiny_recipe, write_recipe
 
@@ -21,7 +22,7 @@ def _recipe(tmp_path, model="tiny_resnet", **sections) -> Recipe:
 
 
 def _build(tmp_path, model="tiny_resnet", ops=(), **sections):
-    return prepare(_recipe(tmp_path, model, surgery=list(ops), **sections), CLASSES)
+    return build_network(_recipe(tmp_path, model, surgery=list(ops), **sections), CLASSES)
 
 
 def _untouched_equal(before: nn.Module, after: nn.Module, touched: set[str]) -> list[str]:
@@ -81,7 +82,7 @@ def test_n_out_replace_blocked_by_residual_add_names_the_node(tmp_path):
     text = write_recipe(tmp_path / "r.yaml", _recipe(tmp_path, surgery=[{"n_out_replace": {"layer": "stem.0", "n_out": 4}}]).model_dump(mode="json"))
     recipe = parse_recipe(text.read_text(), name="r.yaml")
     with pytest.raises(RecipeError) as err:
-        prepare(recipe, CLASSES)
+        build_network(recipe, CLASSES)
     message = str(err.value)
     assert "surgery.0.n_out_replace.layer" in message and "blocked at 'add'" in message
     assert message.startswith("r.yaml:")
@@ -193,7 +194,7 @@ def test_freeze_all_but_last_counts_weight_layers(tmp_path):
 
 def test_freeze_trainable_overrides_and_pins_the_rest(tmp_path):
     p = _build(tmp_path, freeze={"until": "pool", "trainable": ["block.1"]})
-    transfer = p.transfer_model()
+    transfer = p.pinned()
     grads = {n for n, q in transfer.net.named_parameters() if q.requires_grad}
     assert grads == {"block.1.weight", "block.1.bias", "fc.weight", "fc.bias"}
     # The cache stops above the trainable BN; block.3/4 are frozen but run in the trainable part.
@@ -204,14 +205,15 @@ def test_freeze_trainable_overrides_and_pins_the_rest(tmp_path):
 
 
 def test_input_preprocessor_settings_enter_the_cache_key(tmp_path):
-    from tlcli.data import plan_data
-    from tlcli.features import cache_key, key_components
+    from tlcli.data.sources import plan_data
+    from tlcli.engine.cache import cache_key
+    from tlcli.engine.features import key_components
 
     def key(**base):
         # tiny_resnet pools adaptively, so it runs at either size (simple_cnn's Linear fits 28 px only).
         r = _recipe(tmp_path, "tiny_resnet", input={"channels": 1, "size": 8})
         r = r.model_copy(update={"base": r.base.model_copy(update=base)})
-        p = prepare(r, CLASSES)
+        p = build_network(r, CLASSES)
         return cache_key(key_components(p, plan_data(r.data), p.extractor(), r.cache.dtype))
 
     # Same data-side preprocessing (grey 8x8); only the size the model resizes to differs.

@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from typer.testing import CliRunner
 
 from tlcli.errors import RecipeError
-from tlcli.recipe import parse_recipe
+from tlcli.config.reading import parse_recipe
+from tlcli.config.stages import recipe_warnings
 
-from conftest import REPO, LocalServer, make_imagefolder, tiny_recipe, write_recipe
+from conftest import REPO, LocalServer, invoke, make_imagefolder, tiny_recipe, write_recipe
 
 GOOD = """\
 base: {zoo: timm, model: tf_efficientnet_lite0, weights: embedded}
@@ -31,17 +31,7 @@ output_dir: runs/x
 
 def tl(*args, cwd=None):
     """`tl ARGS` in-process, stdout and stderr apart: (exit code, stdout, stderr)."""
-    from tlcli.cli import app
-
-    old = Path.cwd()
-    if cwd is not None:
-        os.chdir(cwd)
-    try:
-        result = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=True)
-    finally:
-        os.chdir(old)
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
+    result = invoke(*args, cwd=cwd)
     return result.exit_code, result.stdout, result.stderr
 
 
@@ -230,7 +220,8 @@ def test_evaluate_draws_top_losses_and_a_self_contained_report(folder_run):
 
 
 def test_top_losses_are_the_most_confidently_wrong():
-    from tlcli.evaluate import Scored, top_losses
+    from tlcli.engine.inference import Scored
+    from tlcli.engine.evaluate import top_losses
 
     logits = np.array([[5.0, 0.0], [0.0, 5.0], [2.0, 0.0], [0.0, 1.0]])
     labels = np.array([1, 1, 1, 0])  # rows 0, 2, 3 wrong; row 0 most confidently
@@ -318,11 +309,11 @@ def test_predict_sees_what_training_saw(folder_run):
     cached features give: the same decode, resize and normalisation as featurize."""
     import torch
 
-    from tlcli.checkpoint import load_checkpoint
-    from tlcli.data import plan_data
-    from tlcli.evaluate import cached_logits
-    from tlcli.predict import predict
-    from tlcli.rundir import RunDir
+    from tlcli.run.checkpoint import load_checkpoint
+    from tlcli.data.sources import plan_data
+    from tlcli.engine.inference import cached_logits
+    from tlcli.engine.predict import predict
+    from tlcli.run.rundir import RunDir
 
     _, _, run = folder_run
     ckpt = load_checkpoint(run)
@@ -359,8 +350,8 @@ def _reference(run: Path, files: list[str]):
     """uint8 NCHW inputs at the model's size, and tl's own probabilities for them."""
     import torch
 
-    from tlcli.checkpoint import load_checkpoint
-    from tlcli.pipeline import load_sized, to_model_input
+    from tlcli.run.checkpoint import load_checkpoint
+    from tlcli.data.pipeline import load_sized, to_model_input
 
     ckpt = load_checkpoint(run)
     images = torch.stack([load_sized(f, ckpt.preprocess) for f in files])
@@ -410,10 +401,10 @@ def test_export_names_a_bad_format(folder_run):
 
 def test_a_recipe_without_freeze_warns_and_freeze_none_says_so(tmp_path):
     r = parse_recipe(GOOD.replace("freeze: {until: global_pool}\n", "").replace("stages:\n  - {name: head}\n  - {name: all, freeze: none}\n", ""), "r.yaml")
-    assert r.warnings() and "freeze: not given: the whole network trains" in r.warnings()[0]
+    assert recipe_warnings(r) and "freeze: not given: the whole network trains" in recipe_warnings(r)[0]
     explicit = parse_recipe(GOOD.replace("freeze: {until: global_pool}", "freeze: none").replace(
         "stages:\n  - {name: head}\n  - {name: all, freeze: none}\n", ""), "r.yaml")
-    assert explicit.warnings() == [] and explicit.freeze.nodes == [] and explicit.freeze.all_but_last is None
+    assert recipe_warnings(explicit) == [] and explicit.freeze.nodes == [] and explicit.freeze.all_but_last is None
     assert parse_recipe(GOOD, "r.yaml").stages[1].freeze.nodes == []
     path = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, freeze=None))
     code, out, err = tl("validate", path)
@@ -421,8 +412,8 @@ def test_a_recipe_without_freeze_warns_and_freeze_none_says_so(tmp_path):
 
 
 def test_tiny_images_get_a_hint_about_input_size(tmp_path):
-    from tlcli.data import plan_data, size_hint
-    from tlcli.recipe import DataSpec
+    from tlcli.data.sources import plan_data, size_hint
+    from tlcli.config.schema import DataSpec
 
     hint = size_hint(plan_data(DataSpec(dataset="digits")), 224)
     assert "about 8 px" in hint and "try 112" in hint
@@ -479,8 +470,8 @@ HUB_CHECK = """
 import sys, torch
 from safetensors.torch import load_file
 from tlcli.errors import WeightsError
-from tlcli.recipe import BaseSpec
-from tlcli.zoo import build_base
+from tlcli.config.schema import BaseSpec
+from tlcli.model.zoo import build_base
 try:
     zoo = build_base(BaseSpec(zoo="timm", model="{model}", weights="pretrained"))
 except WeightsError as err:
@@ -568,7 +559,7 @@ def test_offline_hub_weights_name_the_repo_and_file_to_place(tmp_path):
 
 @pytest.mark.parametrize("switch", [3, 55, 59])
 def test_stage_labels_on_the_curves_stay_inside_their_plot(switch):
-    from tlcli.plots import _pyplot, curves_figure
+    from tlcli.report.plots import _pyplot, curves_figure
 
     rows = [{"stage": "head" if e < switch else "finetune", "epoch": e, "train_loss": 1 / e, "train_acc": 0.5,
              "val_loss": 1 / e, "val_acc": 0.5} for e in range(1, 61)]

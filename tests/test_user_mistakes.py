@@ -13,10 +13,10 @@ import sys
 import pytest
 import yaml
 
-from tlcli.recipe import Recipe
-from tlcli.train import fit
+from tlcli.config.schema import Recipe
+from tlcli.engine.train import fit
 
-from conftest import make_imagefolder, run_tl, tiny_recipe, write_recipe
+from conftest import make_imagefolder, tiny_recipe, write_recipe
 
 
 def _one_error(code, out, *fragments):
@@ -60,7 +60,7 @@ def _animated_gif(path):
 def test_an_animated_gif_is_read_as_its_first_frame():
     import tempfile
 
-    from tlcli.pipeline import read_image
+    from tlcli.data.pipeline import read_image
 
     with tempfile.TemporaryDirectory() as tmp:
         _animated_gif(os.path.join(tmp, "a.gif"))

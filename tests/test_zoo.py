@@ -7,19 +7,10 @@ import pytest
 import torch
 
 from tlcli.errors import TLError, WeightsError
-from tlcli.recipe import BaseSpec, WeightsSpec
-from tlcli.zoo import (
-    EMBEDDED_PREPROCESS,
-    build_base,
-    embedded_weights_path,
-    fetch_checkpoint,
-    hub_checkpoint_path,
-    imagenet_class_names,
-    load_file_weights,
-    map_embedded_key,
-)
+from tlcli.config.schema import BaseSpec, WeightsSpec
+from tlcli.model.zoo import (EMBEDDED_PREPROCESS, build_base, embedded_weights_path, fetch_checkpoint, hub_checkpoint_path, imagenet_class_names, load_file_weights, map_embedded_key)
 
-from tlcli.device import resolve_device
+from tlcli.engine.device import resolve_device
 
 from conftest import LocalServer
 
@@ -76,7 +67,7 @@ def test_embedded_model_recognises_cat_and_espresso():
     """The truth test: real photos through the embedded pretrained network."""
     import skimage.data
 
-    from tlcli.pipeline import fit_to_size, to_model_input
+    from tlcli.data.pipeline import fit_to_size, to_model_input
 
     base = build_base(BaseSpec(zoo="timm", model="tf_efficientnet_lite0", weights=WeightsSpec(name="embedded")))
     names = imagenet_class_names()
@@ -148,7 +139,7 @@ def test_hub_path_honours_torch_home(tmp_path, monkeypatch):
 def test_file_weights_sha256_and_fit(tmp_path):
     from safetensors.torch import save_file
 
-    from tlcli.models import TinyResNet
+    from tlcli.model.tiny import TinyResNet
 
     model = TinyResNet()
     path = tmp_path / "w.safetensors"
@@ -226,7 +217,7 @@ def test_a_weights_file_from_another_task_loads_all_but_its_head(tmp_path):
     everything else loads. Any other shape mismatch is still an error that names the tensor."""
     from safetensors.torch import save_file
 
-    from tlcli.models import TinyResNet
+    from tlcli.model.tiny import TinyResNet
 
     torch.manual_seed(3)
     donor = TinyResNet(num_classes=5)

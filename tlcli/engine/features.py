@@ -1,0 +1,244 @@
+"""Featurize: run a stage's frozen part once per split and write its frontier tensors into the cache.
+
+A cache is built in a private `<key>.tmp-<pid>` directory (shards written
+atomically, the manifest last) and renamed into place, so a killed run never
+leaves a directory that looks complete (`engine.cache` owns the layout). The
+key hashes everything that determines the features; nothing keyed on mtimes.
+Under torchrun every rank writes its units of each split; rank 0 writes the
+manifest once all are done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from tlcli.config.schema import CacheSpec, DataSpec, Recipe
+from tlcli.config.stages import Stage
+from tlcli.data.pipeline import ImageLoader, decode_threads, jpeg_decoder
+from tlcli.data.sources import DataPlan, require_every_class
+from tlcli.engine import distributed
+from tlcli.engine.cache import (CACHE_FORMAT, MANIFEST, FeatureCache, ShardWriter, build_lock, cache_key, merged_manifest,
+                                open_cache, read_lock, split_units)
+from tlcli.engine.plan import Plan, make_plan
+from tlcli.errors import out_of_memory
+from tlcli.files import file_lock, fsync_directory, write_json_atomic
+from tlcli.model.network import Network
+from tlcli.model.weights import hash_tensors
+from tlcli.progress import Reporter
+
+
+def key_components(view: Network, data: DataPlan, extractor: torch.fx.GraphModule, dtype: str,
+                   decoder: str = "libjpeg-turbo", splits: Optional[Sequence[str]] = None) -> dict:
+    """Everything that determines the cached features, one hash or value each; `splits`: which
+    of the data's splits the cache holds (all by default)."""
+    split = view.split
+    frozen_names = set(split.frozen_state_names(view.model))
+    frozen_state = {k: v for k, v in view.model.state_dict().items() if k in frozen_names}
+    modules = "\n".join(f"{n}: {view.model.get_submodule(n)!r}" for n in split.frozen_module_names())
+    return {
+        "format": CACHE_FORMAT,
+        "model": view.model_id,
+        "frontier": split.frontier_names,
+        # The frozen graph's code and module configs pin the architecture up to the cut.
+        "architecture": hashlib.blake2b((extractor.code + modules).encode(), digest_size=16).hexdigest(),
+        "weights": hash_tensors(frozen_state),
+        "preprocess": view.preprocess.to_dict(),
+        "data": data.fingerprint(),
+        "dtype": dtype,
+        # nvjpeg and libjpeg-turbo differ by +-1 in some pixels; the digits array is not decoded.
+        "decoder": decoder if data.kind == "files" else None,
+        "splits": sorted(splits if splits is not None else data.splits),
+    }
+
+
+class _Extractor:
+    """The frozen part on the device, in the layout and precision the cache asks for."""
+
+    def __init__(self, module: torch.fx.GraphModule, device: torch.device, dtype: str):
+        self.device = device
+        self.channels_last = device.type != "mps"
+        self.module = module.to(device).eval()
+        if self.channels_last:
+            self.module = self.module.to(memory_format=torch.channels_last)
+        self.store_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """x: a normalised batch on the device (the pipeline's output)."""
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.store_dtype == torch.bfloat16):
+            outs = self.module(x)
+        return [o.to("cpu", self.store_dtype).contiguous() for o in outs]
+
+
+def featurize(view: Network, data: DataPlan, device: torch.device, cache: CacheSpec, spec: DataSpec,
+              reporter: Reporter = Reporter(), force: bool = False, splits: Optional[Sequence[str]] = None) -> FeatureCache:
+    """The cache of `view`'s frozen part on `data` (its `splits`, all by default), built when
+    missing (or forced); `spec` says how to read the images (batch, threads, bad images)."""
+    splits = [s for s in data.splits if splits is None or s in splits]
+    extractor = view.extractor()
+    components = key_components(view, data, extractor, cache.dtype, jpeg_decoder(device), splits)
+    key = cache_key(components)
+    final = Path(cache.dir) / key
+    dist = distributed.current()
+    # One builder per key: a second featurizer waits here, then finds the cache complete.
+    # Under torchrun, rank 0 decides and owns the directory; every rank writes its units.
+    with file_lock(build_lock(final)) if dist.main else contextlib.nullcontext():
+        tmp = distributed.broadcast(_start_build(final, key, force) if dist.main else None, "starting the cache")
+        if tmp is None:
+            if dist.main:
+                reporter.info(f"feature cache hit: {final}")
+            return _opened(final, data)
+        _build(view, data, splits, _Extractor(extractor, device, cache.dtype), Path(tmp), final, cache, spec,
+               {**components, "key": key}, reporter)
+    distributed.barrier("waiting for the cache to be in place")
+    if dist.main:
+        reporter.info(f"feature cache written: {final}")
+    return _opened(final, data)
+
+
+def _build(view: Network, data: DataPlan, splits: list[str], extract: "_Extractor", tmp: Path, final: Path,
+           cache: CacheSpec, spec: DataSpec, keyed: dict, reporter: Reporter) -> None:
+    """Every rank's shards into `tmp`; then rank 0 writes the manifest (last) and swaps it in."""
+    dist = distributed.current()
+    try:
+        threads = decode_threads(spec.num_workers, extract.device)
+        with out_of_memory(f"featurizing (batch {spec.batch_size})", "lower data.batch_size"):
+            part = _write_splits(view, data, splits, extract, tmp, cache, spec, threads, reporter)
+        if dist.enabled:
+            reporter.info(f"{dist}: {sum(s['rows'] for shards in part['splits'].values() for s in shards)} rows")
+        parts = distributed.gather(part, "gathering the cache's shards")
+        if dist.main:
+            position = {str(source): i for split in splits for i, (source, _) in enumerate(data.splits[split])}
+            components = {k: v for k, v in keyed.items() if k != "key"}
+            manifest = {**merged_manifest(parts, data.class_names, splits, position), "key": keyed["key"],
+                        "components": components}
+            # The manifest is written last: its presence is what marks a cache complete.
+            write_json_atomic(tmp / MANIFEST, manifest, commit=True)
+            _swap_in(tmp, final, reporter)
+    except BaseException:
+        if dist.main:
+            shutil.rmtree(tmp, ignore_errors=True)  # a kill -9 skips this; the next run removes it (pid gone)
+        raise
+
+
+def _start_build(final: Path, key: str, force: bool) -> Optional[str]:
+    """None when a complete cache is there (and not forced); else a fresh build directory."""
+    if open_cache(final) is not None and not force:
+        return None
+    _remove_dead_partials(final)
+    tmp = final.with_name(f"{key}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return str(tmp)
+
+
+def _opened(final: Path, data: DataPlan) -> FeatureCache:
+    written = open_cache(final)
+    assert written is not None, "a cache just written (or found complete) must open"
+    _check_rows(written, data)
+    return written
+
+
+def _check_rows(cache: FeatureCache, plan: DataPlan) -> None:
+    """Every split holds one row per image of the plan, less the images it skipped: a
+    manifest that lies about its rows is damage, caught before anything trains on it."""
+    skipped = set(cache.skipped)
+    for split in cache.manifest["splits"]:
+        expected = sum(1 for source, _ in plan.splits.get(split, []) if str(source) not in skipped)
+        if cache.count(split) != expected:
+            raise cache.damaged(f"split {split} holds {cache.count(split)} rows, the data has {expected} images")
+    if "train" in cache.manifest["splits"]:
+        require_every_class(plan, skipped)
+
+
+def _swap_in(tmp: Path, final: Path, reporter: Reporter) -> None:
+    """Replace `final` by the finished `tmp`; never under a fit that has the old one open."""
+    with file_lock(read_lock(final), wait=False) as free:
+        if not free:
+            reporter.info(f"waiting for the fits reading {final} to finish before replacing it")
+    with file_lock(read_lock(final)):
+        if final.exists():
+            old = final.with_name(f"{final.name}.old-{os.getpid()}")
+            os.replace(final, old)  # stale, damaged, or --force: out of the way in one rename
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        fsync_directory(final.parent)  # the rename into place is what publishes the cache
+
+
+def _write_splits(view: Network, data: DataPlan, splits: list[str], extract: "_Extractor", tmp: Path,
+                  cache: CacheSpec, spec: DataSpec, threads: int, reporter: Reporter) -> dict:
+    """This rank's units of every split through the frozen part into shards: its part of the manifest."""
+    dist = distributed.current()
+    part: dict = {"frontier": [], "splits": {}, "skipped": []}
+    dtype_name = str(extract.store_dtype).removeprefix("torch.")
+    started = time.perf_counter()
+    for split_name in splits:
+        pairs = data.splits[split_name]
+        unit_batches, n_units = split_units(len(pairs), spec.batch_size, cache.shard_size)
+        rows_per_unit = unit_batches * spec.batch_size
+        mine = list(range(dist.rank, n_units, dist.world))
+        my_pairs = [p for u in mine for p in pairs[u * rows_per_unit : (u + 1) * rows_per_unit]]
+        writer = ShardWriter(tmp, split_name, unit_batches, mine)
+        batches = ImageLoader(my_pairs, view.preprocess, spec.batch_size, extract.device, threads,
+                              on_bad_image=spec.on_bad_image)
+        with reporter.task(f"featurize {split_name}", total=len(my_pairs), unit="img") as task, torch.inference_mode():
+            for x, y in batches:
+                outs = extract(x)
+                if not part["frontier"]:
+                    part["frontier"] = [{"name": n, "shape": list(o.shape[1:]), "dtype": dtype_name}
+                                        for n, o in zip(view.split.frontier_names, outs)]
+                writer.add(outs, y, batches.chunk)
+                task.advance(len(y))
+        part["splits"][split_name] = writer.summary()
+        part["skipped"].extend(batches.skipped)
+    part["seconds"] = round(time.perf_counter() - started, 3)
+    return part
+
+
+def _remove_dead_partials(final: Path) -> None:
+    """Partial builds left by killed runs (their pid is gone) are garbage."""
+    if not final.parent.is_dir():
+        return
+    for path in [*final.parent.glob(f"{final.name}.tmp-*"), *final.parent.glob(f"{final.name}.old-*")]:
+        pid = path.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def featurize_recipe(recipe: Recipe, reporter: Reporter = Reporter(), force: bool = False) -> list[FeatureCache]:
+    """`tl featurize`: plan once, then build the cache of every stage that trains from one."""
+    return featurize_plan(make_plan(recipe), reporter, force)
+
+
+def featurize_plan(plan: Plan, reporter: Reporter = Reporter(), force: bool = False) -> list[FeatureCache]:
+    plan.report_hints(reporter)
+    with plan.recipe.located():
+        return [featurize(plan.network.for_stage(stage), plan.data, plan.device, plan.recipe.cache, plan.recipe.data,
+                          reporter, force=force, splits=splits_read_by(stage, plan.stages))
+                for stage in plan.stages if stage.input == "cache"]
+
+
+def splits_read_by(stage: Stage, stages: list[Stage]) -> list[str]:
+    """What a stage's cache must hold: train and val for training; test only for the last
+    stage, whose frozen part and cache evaluate shares (an earlier stage's test rows would
+    never be read)."""
+    return ["train", "val", "test"] if stage.index == stages[-1].index else ["train", "val"]

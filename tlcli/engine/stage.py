@@ -1,0 +1,271 @@
+"""One stage, set up to train: its view of the network, its batches, its optimizer and schedule.
+
+A stage trains from the cache when the trainable part starts at the cached
+frontier; on raw images when its boundary lies below the cache or when it
+augments. On images the frozen part still runs without gradients and in eval
+mode; only the trainable part builds an autograd graph. Frozen parameters
+never reach the optimizer, so neither updates nor weight decay touch them.
+Under torchrun an image stage trains its trainable part in
+DistributedDataParallel, each rank on its share of every epoch's order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+
+from tlcli.config.schema import DistributedSpec, FineTuneSpec
+from tlcli.config.stages import Stage
+from tlcli.data.pipeline import ImageLoader, augmentation
+from tlcli.engine import distributed
+from tlcli.engine.cache import Batches, CacheRows, FeatureCache, fits_in_memory
+from tlcli.engine.optim import make_optimizer, make_scheduler
+from tlcli.engine.probe import Probe, lbfgs_epoch, probe_head, standardize
+from tlcli.errors import SpecError
+from tlcli.model.network import Network
+
+
+class StageForward:
+    """What a stage's steps run: on images, the frozen part (no gradients) then the trainable
+    part; on the cache, the trainable part alone. Modes go through the pinned full model,
+    which keeps frozen modules in eval."""
+
+    def __init__(self, view: Network, on_images: bool, device: torch.device, train_bn: bool = True):
+        self.pinned = view.pinned().to(device)
+        self.norms = [] if train_bn else [m for m in view.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self.trainable = view.trainable()
+        self.extractor = view.extractor() if on_images else None
+        self.channels_last = on_images and device.type != "mps"
+        if self.channels_last:
+            self.pinned.to(memory_format=torch.channels_last)
+        self.ddp: Optional[nn.Module] = None
+        self.training = False
+
+    def distribute(self, device: torch.device, sync_batchnorm: bool, stage: Stage) -> None:
+        """Under torchrun: the trainable part in DistributedDataParallel (gradients averaged over
+        ranks). The frozen part is never wrapped: it has no gradients to share."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        if sync_batchnorm:
+            if device.type != "cuda":
+                raise SpecError([(("distributed", "sync_batchnorm"), "SyncBatchNorm runs on CUDA only; "
+                                  "set it to false on the CPU")])
+            use_sync_batchnorm(self.pinned.net, self.trainable, self.pinned.frozen_modules)
+        with distributed.collective(f"starting stage {stage.name} under DistributedDataParallel"):
+            self.ddp = DistributedDataParallel(self.trainable, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def train(self, mode: bool) -> None:
+        self.training = mode
+        self.pinned.train(mode)
+        for m in self.norms:
+            m.eval()
+
+    def __call__(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        if self.extractor is not None:
+            x = inputs[0]
+            if self.channels_last and x.ndim == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.no_grad():
+                inputs = list(self.extractor(x))
+        # Training steps go through DDP (every rank runs the same number); evaluation does not,
+        # since ranks may hold different numbers of validation batches and DDP's forward is a collective.
+        if self.ddp is not None and self.training:
+            return self.ddp(*inputs)
+        return self.trainable(*inputs)
+
+
+def use_sync_batchnorm(net: nn.Module, trainable: nn.Module, frozen_modules: list[str]) -> list[str]:
+    """Every trainable BatchNorm becomes a SyncBatchNorm (statistics over the global batch),
+    placed in the full model *and* in the trainable part, so that one module object serves both
+    and `train()` on the model switches it. (A converted copy in the trainable part alone stayed
+    in eval mode: it trained nothing.) Frozen BatchNorm is left as it is. Returns the names."""
+    frozen = tuple(frozen_modules)
+    names = [name for name, m in trainable.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+             and not isinstance(m, nn.SyncBatchNorm) and name not in frozen
+             and not name.startswith(tuple(f + "." for f in frozen))]
+    for name in names:
+        # convert_sync_batchnorm of a lone BN returns a new module that shares its parameters and buffers.
+        sync = nn.SyncBatchNorm.convert_sync_batchnorm(trainable.get_submodule(name))
+        trainable.set_submodule(name, sync)
+        net.set_submodule(name, sync)
+    return names
+
+
+# --------------------------------------------------------------------------- where a stage's batches come from
+
+
+class CacheBatches:
+    """A cache stage's batches: rows of the cache, held on the device when they fit."""
+
+    def __init__(self, cache: FeatureCache, device: torch.device, batch: int, memory_mib: int):
+        memory = device if fits_in_memory(cache, memory_mib) else None
+        self.train_rows, self.val_rows = CacheRows(cache, "train", memory), CacheRows(cache, "val", memory)
+        self.batch = batch
+        self.steps = sum(math.ceil(rows / batch) for rows in cache.shard_rows("train"))
+
+    def train(self, generator: torch.Generator) -> Batches:
+        return self.train_rows.batches(self.batch, generator)
+
+    def val(self) -> Batches:
+        return self.val_rows.batches(1024, None)
+
+
+class ImageBatches:
+    """An image stage's batches, decoded each epoch; under torchrun, this rank's share."""
+
+    def __init__(self, view: Network, splits: dict, stage: Stage, device: torch.device, threads: int, batch: int,
+                 val_batch: int, on_bad_image: str, skipped: set[str]):
+        self.view, self.splits, self.device, self.threads = view, splits, device, threads
+        self.augment = augmentation(stage.augment, view.preprocess) if stage.augment is not None else None
+        self.batch, self.val_batch, self.on_bad_image, self.skipped = batch, val_batch, on_bad_image, skipped
+        dist = distributed.current()
+        self.rank, self.world = dist.rank, dist.world
+        self.steps = math.ceil(math.ceil(len(splits["train"]) / self.world) / batch)
+
+    def train(self, generator: torch.Generator) -> Batches:
+        order = rank_share(torch.randperm(len(self.splits["train"]), generator=generator).tolist(), self.rank, self.world)
+        return self._noting_skips(ImageLoader(self.splits["train"], self.view.preprocess, self.batch, self.device,
+                                              self.threads, self.augment, order, on_bad_image=self.on_bad_image))
+
+    def val(self) -> Batches:
+        # Validation rows are split across ranks without padding: summed, they are the whole split once.
+        pairs = self.splits.get("val", [])[self.rank :: self.world]
+        return self._noting_skips(ImageLoader(pairs, self.view.preprocess, self.val_batch, self.device, self.threads,
+                                              on_bad_image=self.on_bad_image))
+
+    def _noting_skips(self, loader: ImageLoader) -> Iterator:
+        for x, y in loader:
+            yield [x], y
+        self.skipped.update(loader.skipped)
+
+
+def rank_batch_size(stage: Stage, spec: DistributedSpec, world: int) -> int:
+    """This rank's batch: fine_tune.batch_size split across ranks (distributed.batch: global), or as is."""
+    batch = stage.fine_tune.batch_size
+    if world == 1 or spec.batch == "per_rank":
+        return batch
+    if batch % world:
+        raise SpecError([(stage.fine_tune_loc("batch_size"), f"the global batch {batch} does not split evenly over "
+                          f"{world} ranks; make it a multiple of {world}, or set distributed.batch: per_rank")])
+    return batch // world
+
+
+def rank_share(order: list[int], rank: int, world: int) -> list[int]:
+    """DistributedSampler's share: the order padded (from its start) to a multiple of the world,
+    then every world-th item from `rank`. Batch k of every rank together is batch k of the
+    single-process order at world x the batch size; every rank runs the same number of steps."""
+    if world == 1:
+        return order
+    # DistributedSampler's padding repeats the order cyclically: with fewer items than ranks,
+    # more than once (a single item is every rank's one step).
+    padding = (-len(order)) % world
+    padded = order + (order * math.ceil(padding / max(len(order), 1)))[:padding]
+    return padded[rank::world]
+
+
+# --------------------------------------------------------------------------- the stage, set up
+
+
+@dataclass
+class StageSetup:
+    """One stage, set up: its view of the network, its batches, optimizer and schedule."""
+
+    stage: Stage
+    ft: FineTuneSpec  # the stage's fine_tune with `optimizer: auto` resolved
+    view: Network
+    forward: StageForward
+    params: list[tuple[str, nn.Parameter]]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    batches: "CacheBatches | ImageBatches"
+    has_val: bool
+    cache: Optional[FeatureCache] = None
+    probe: Optional[Probe] = None
+    sharded: bool = False  # under torchrun, an image stage: each rank trains on its share of the batches
+
+    @property
+    def trainable_params(self) -> int:
+        return sum(p.numel() for _, p in self.params)
+
+    def probe_step(self, optimizer: torch.optim.LBFGS, l2: float) -> dict:
+        """One full-batch L-BFGS step of the probe fit on the in-memory train rows."""
+        inputs, labels = self.batches.train_rows.memory
+        head = self.view.model.get_submodule(self.probe.head)
+        return lbfgs_epoch(self.forward, inputs, labels, optimizer, l2, [head.weight])
+
+
+def set_up(view: Network, stage: Stage, device: torch.device, batches, cache: Optional[FeatureCache],
+           dist_spec: DistributedSpec, has_val: bool) -> StageSetup:
+    """The stage's forward, parameters, optimizer (auto resolved) and schedule over `batches`."""
+    ft = stage.fine_tune
+    on_images = stage.input == "images"
+    forward = StageForward(view, on_images, device, ft.train_bn)
+    apply_dropout(view.model, forward.pinned.frozen_modules, ft.dropout)
+    params = [(n, p) for n, p in view.model.named_parameters() if p.requires_grad]
+    if not params:
+        raise SpecError([(stage.freeze_loc, "everything is frozen: there is nothing left to train")])
+    sharded = on_images and distributed.current().enabled
+    if sharded:
+        forward.distribute(device, dist_spec.sync_batchnorm, stage)
+    probe = None if on_images else _probe_for(stage, forward.trainable, cache, batches)
+    ft = ft.model_copy(update={"optimizer": "lbfgs" if probe else resolve_optimizer(stage, None)})
+    optimizer = make_optimizer(ft, params, {**view.layer_lr, **ft.layer_lr})
+    scheduler = make_scheduler(ft, optimizer, 1 if probe else max(batches.steps, 1))
+    return StageSetup(stage, ft, view, forward, params, optimizer, scheduler, batches, has_val, cache, probe, sharded)
+
+
+def _probe_for(stage: Stage, trainable: torch.fx.GraphModule, cache: FeatureCache, batches: CacheBatches) -> Optional[Probe]:
+    """A probe fit when the stage trains a lone Linear head on rows held in memory (and `auto` or
+    `lbfgs` asks for it): the rows are standardised in place, and folded back at the end."""
+    head = None
+    if batches.train_rows.memory is not None and stage.fine_tune.optimizer in ("auto", "lbfgs"):
+        head = probe_head(trainable, [f["shape"] for f in cache.manifest["frontier"]])
+    if resolve_optimizer(stage, head) != "lbfgs":
+        return None
+    val = batches.val_rows.memory
+    mean, std = standardize(batches.train_rows.memory[0], [val[0] if val else []])
+    return Probe(head, mean, std)
+
+
+def resolve_optimizer(stage: Stage, probe_head_name: Optional[str]) -> str:
+    """What `optimizer: auto` means for this stage: the probe fit for a lone head, else adam."""
+    ft = stage.fine_tune
+    if ft.optimizer == "lbfgs" and probe_head_name is None:
+        raise SpecError([(stage.fine_tune_loc("optimizer"), "lbfgs fits a single Linear head on cached features held "
+                          "in memory; this stage trains more than that, on images, or its rows exceed cache.memory_mib")])
+    if ft.optimizer == "auto":
+        return "lbfgs" if probe_head_name and not ft.layer_lr and ft.layer_decay is None else "adam"
+    return ft.optimizer
+
+
+def apply_dropout(model: nn.Module, frozen_modules: list[str], p: Optional[float]) -> None:
+    """`fine_tune.dropout`: the p of every trainable Dropout layer (frozen ones are left alone)."""
+    if p is None:
+        return
+    frozen = set(frozen_modules)
+    inside_frozen = tuple(f + "." for f in frozen_modules)
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Dropout) and name not in frozen and not name.startswith(inside_frozen):
+            m.p = p
+
+
+@contextlib.contextmanager
+def one_thread_for_a_small_head(setup: StageSetup, device: torch.device):
+    """Sets torch's process-wide thread count to 1 while a small head trains on the cache, and
+    back after: its matrix products are too small to split, and on a busy machine threads
+    waiting for each other cost 20x (a digits head fit: 83 s with the default threads, 4.1 s with one)."""
+    small = setup.cache is not None and setup.trainable_params * setup.ft.batch_size < 50_000_000
+    if device.type != "cpu" or not small:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -1,0 +1,1 @@
+"""The model: zoos and weights, the traced graph, surgery, freezing, and the network they build."""

@@ -1,0 +1,1 @@
+"""A run on disk: its directory, its records, and a finished run read back."""
