@@ -281,3 +281,17 @@ def test_a_manifest_that_does_not_hold_is_never_read_and_the_cache_is_rebuilt(bu
     manifest = json.loads((cache / "manifest.json").read_text())
     assert all(s["file"].startswith(split) for split, v in manifest["splits"].items() for s in v["shards"])
     assert manifest["splits"]["train"]["count"] > 0
+
+
+# --------------------------------------------------------------------------- a finished run's overrides
+
+
+@pytest.mark.parametrize("override", ["data.split.seed=5", "base.input_size=64", "fine_tune.lr=0.5"])
+def test_an_override_that_would_change_a_finished_runs_model_or_split_is_refused(tmp_path, cli, override):
+    """Evaluate and predict take overrides of how to run (batch, threads, bad images, device) and
+    which run (output_dir); one that would score another split or rebuild another model is refused."""
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, fine_tune={"epochs": 1}))
+    assert cli("fit", path)[0] == 0
+    code, out = cli("evaluate", path, override)
+    _error(code, out, f"override {override.partition('=')[0]}: a finished run's model, data and split are its own")
+    assert cli("evaluate", path, "data.batch_size=7", "device=cpu")[0] == 0

@@ -50,14 +50,19 @@ class DataPlan:
             self._fingerprint = self._hash()
         return self._fingerprint
 
+    def identity(self, decoder: str) -> dict:
+        """What about the data determines a frozen part's features: its fingerprint, and which
+        decoder read its JPEGs (nvjpeg and libjpeg-turbo differ by +-1; digits are not decoded)."""
+        return {"data": self.fingerprint(), "decoder": decoder if self.kind == "files" else None}
+
     def _hash(self) -> str:
         h = hashlib.blake2b(digest_size=16)
         h.update(repr((self.kind, self.class_names)).encode())
         if self.kind == "digits":
             images, _ = digits_arrays()
             h.update(images.tobytes())
-        digests = DigestIndex(self.index).digests([s for pairs in self.splits.values() for s, _ in pairs]) \
-            if self.kind == "files" else {}
+        files = [s for pairs in self.splits.values() for s, _ in pairs]
+        digests = DigestIndex(self.index).digests(files) if self.kind == "files" else {}
         for split in SPLITS:
             h.update(f"|{split}|".encode())
             for source, label in self.splits.get(split, []):
@@ -233,8 +238,8 @@ def visible_images(folder: Path) -> Iterator[Path]:
     """The image files under `folder`, recursively, in a stable order, hidden ones and
     anything inside a hidden folder left out."""
     for path in sorted(folder.rglob("*")):
-        if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file() and \
-                not any(_hidden(Path(part)) for part in path.relative_to(folder).parts):
+        hidden = any(_hidden(Path(part)) for part in path.relative_to(folder).parts)
+        if path.suffix.lower() in IMAGE_EXTENSIONS and not hidden and path.is_file():
             yield path
 
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Iterator, Literal, Optional
@@ -23,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from safetensors.torch import load
 
 from tlcli.errors import DataError
-from tlcli.files import atomic_write, tensors_bytes
+from tlcli.files import atomic_write, file_lock, fsync_directory, tensors_bytes, write_json_atomic
 
 # 2: images are resized in uint8 by the pipeline (rounding differs from format 1's float resize).
 # 3: the manifest records each shard's digest, checked whenever the shard is read.
@@ -252,6 +254,25 @@ def build_lock(final: Path) -> Path:
 def read_lock(final: Path) -> Path:
     """Held shared by every fit that reads the cache; a rebuild swaps only when none does."""
     return final.parent / "locks" / f"{final.name}.read"
+
+
+def publish(tmp: Path, final: Path, manifest: dict, say) -> None:
+    """Make the finished build in `tmp` the cache at `final`: the manifest written last (its
+    presence marks the cache complete), then `tmp` renamed into place, never under a fit that
+    holds the old cache open (`say` tells the user it waits)."""
+    write_json_atomic(tmp / MANIFEST, manifest, commit=True)
+    with file_lock(read_lock(final), wait=False) as free:
+        if not free:
+            say(f"waiting for the fits reading {final} to finish before replacing it")
+    with file_lock(read_lock(final)):
+        if final.exists():
+            old = final.with_name(f"{final.name}.old-{os.getpid()}")
+            os.replace(final, old)  # stale, damaged, or --force: out of the way in one rename
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        fsync_directory(final.parent)  # the rename into place is what publishes the cache
 
 
 class CacheRows:

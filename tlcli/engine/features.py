@@ -11,7 +11,6 @@ manifest once all are done.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import shutil
 import time
@@ -25,38 +24,24 @@ from tlcli.config.stages import Stage
 from tlcli.data.pipeline import ImageLoader, decode_threads, jpeg_decoder
 from tlcli.data.sources import DataPlan, require_every_class
 from tlcli.engine import distributed
-from tlcli.engine.cache import (CACHE_FORMAT, MANIFEST, FeatureCache, ShardWriter, build_lock, cache_key, merged_manifest,
-                                open_cache, read_lock, split_units)
+from tlcli.engine.cache import (CACHE_FORMAT, FeatureCache, ShardWriter, build_lock, cache_key, merged_manifest, open_cache,
+                                publish, split_units)
 from tlcli.engine.plan import Plan, make_plan
 from tlcli.errors import out_of_memory
-from tlcli.files import file_lock, fsync_directory, write_json_atomic
+from tlcli.files import file_lock
 from tlcli.model.network import Network
-from tlcli.model.weights import hash_tensors
 from tlcli.progress import Reporter
 
 
 def key_components(view: Network, data: DataPlan, extractor: torch.fx.GraphModule, dtype: str,
                    decoder: str = "libjpeg-turbo", splits: Optional[Sequence[str]] = None) -> dict:
-    """Everything that determines the cached features, one hash or value each; `splits`: which
-    of the data's splits the cache holds (all by default)."""
-    split = view.split
-    frozen_names = set(split.frozen_state_names(view.model))
-    frozen_state = {k: v for k, v in view.model.state_dict().items() if k in frozen_names}
-    modules = "\n".join(f"{n}: {view.model.get_submodule(n)!r}" for n in split.frozen_module_names())
-    return {
-        "format": CACHE_FORMAT,
-        "model": view.model_id,
-        "frontier": split.frontier_names,
-        # The frozen graph's code and module configs pin the architecture up to the cut.
-        "architecture": hashlib.blake2b((extractor.code + modules).encode(), digest_size=16).hexdigest(),
-        "weights": hash_tensors(frozen_state),
-        "preprocess": view.preprocess.to_dict(),
-        "data": data.fingerprint(),
-        "dtype": dtype,
-        # nvjpeg and libjpeg-turbo differ by +-1 in some pixels; the digits array is not decoded.
-        "decoder": decoder if data.kind == "files" else None,
-        "splits": sorted(splits if splits is not None else data.splits),
-    }
+    """Everything that determines the cached features of `view`'s frozen part (`extractor`), one
+    hash or value each; `splits`: which of the data's splits the cache holds (all by default)."""
+    return _components(data.identity(decoder), view.frozen_identity(extractor), dtype, splits or list(data.splits))
+
+
+def _components(data_identity: dict, frozen_identity: dict, dtype: str, splits: Sequence[str]) -> dict:
+    return {"format": CACHE_FORMAT, **frozen_identity, **data_identity, "dtype": dtype, "splits": sorted(splits)}
 
 
 class _Extractor:
@@ -82,8 +67,9 @@ def featurize(view: Network, data: DataPlan, device: torch.device, cache: CacheS
     """The cache of `view`'s frozen part on `data` (its `splits`, all by default), built when
     missing (or forced); `spec` says how to read the images (batch, threads, bad images)."""
     splits = [s for s in data.splits if splits is None or s in splits]
+    data_identity = data.identity(jpeg_decoder(device))
     extractor = view.extractor()
-    components = key_components(view, data, extractor, cache.dtype, jpeg_decoder(device), splits)
+    components = _components(data_identity, view.frozen_identity(extractor), cache.dtype, splits)
     key = cache_key(components)
     final = Path(cache.dir) / key
     dist = distributed.current()
@@ -91,26 +77,24 @@ def featurize(view: Network, data: DataPlan, device: torch.device, cache: CacheS
     # Under torchrun, rank 0 decides and owns the directory; every rank writes its units.
     with file_lock(build_lock(final)) if dist.main else contextlib.nullcontext():
         tmp = distributed.broadcast(_start_build(final, key, force) if dist.main else None, "starting the cache")
-        if tmp is None:
-            if dist.main:
-                reporter.info(f"feature cache hit: {final}")
-            return _opened(final, data)
-        _build(view, data, splits, _Extractor(extractor, device, cache.dtype), Path(tmp), final, cache, spec,
-               {**components, "key": key}, reporter)
+        if tmp is not None:
+            _build(view, data, splits, (extractor, device), Path(tmp), final, cache, spec, {**components, "key": key},
+                   reporter)
     distributed.barrier("waiting for the cache to be in place")
     if dist.main:
-        reporter.info(f"feature cache written: {final}")
+        reporter.info(f"feature cache {'hit' if tmp is None else 'written'}: {final}")
     return _opened(final, data)
 
 
-def _build(view: Network, data: DataPlan, splits: list[str], extract: "_Extractor", tmp: Path, final: Path,
+def _build(view: Network, data: DataPlan, splits: list[str], frozen: tuple, tmp: Path, final: Path,
            cache: CacheSpec, spec: DataSpec, keyed: dict, reporter: Reporter) -> None:
-    """Every rank's shards into `tmp`; then rank 0 writes the manifest (last) and swaps it in."""
+    """Every rank's shards into `tmp`; then rank 0 writes the manifest (last) and swaps it in.
+    `frozen`: the frozen part and the device it runs on."""
     dist = distributed.current()
+    extract = _Extractor(*frozen, cache.dtype)
     try:
-        threads = decode_threads(spec.num_workers, extract.device)
         with out_of_memory(f"featurizing (batch {spec.batch_size})", "lower data.batch_size"):
-            part = _write_splits(view, data, splits, extract, tmp, cache, spec, threads, reporter)
+            part = _write_splits(view, data, splits, extract, tmp, cache, spec, reporter)
         if dist.enabled:
             reporter.info(f"{dist}: {sum(s['rows'] for shards in part['splits'].values() for s in shards)} rows")
         parts = distributed.gather(part, "gathering the cache's shards")
@@ -119,9 +103,7 @@ def _build(view: Network, data: DataPlan, splits: list[str], extract: "_Extracto
             components = {k: v for k, v in keyed.items() if k != "key"}
             manifest = {**merged_manifest(parts, data.class_names, splits, position), "key": keyed["key"],
                         "components": components}
-            # The manifest is written last: its presence is what marks a cache complete.
-            write_json_atomic(tmp / MANIFEST, manifest, commit=True)
-            _swap_in(tmp, final, reporter)
+            publish(tmp, final, manifest, reporter.info)
     except BaseException:
         if dist.main:
             shutil.rmtree(tmp, ignore_errors=True)  # a kill -9 skips this; the next run removes it (pid gone)
@@ -158,24 +140,8 @@ def _check_rows(cache: FeatureCache, plan: DataPlan) -> None:
         require_every_class(plan, skipped)
 
 
-def _swap_in(tmp: Path, final: Path, reporter: Reporter) -> None:
-    """Replace `final` by the finished `tmp`; never under a fit that has the old one open."""
-    with file_lock(read_lock(final), wait=False) as free:
-        if not free:
-            reporter.info(f"waiting for the fits reading {final} to finish before replacing it")
-    with file_lock(read_lock(final)):
-        if final.exists():
-            old = final.with_name(f"{final.name}.old-{os.getpid()}")
-            os.replace(final, old)  # stale, damaged, or --force: out of the way in one rename
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        fsync_directory(final.parent)  # the rename into place is what publishes the cache
-
-
 def _write_splits(view: Network, data: DataPlan, splits: list[str], extract: "_Extractor", tmp: Path,
-                  cache: CacheSpec, spec: DataSpec, threads: int, reporter: Reporter) -> dict:
+                  cache: CacheSpec, spec: DataSpec, reporter: Reporter) -> dict:
     """This rank's units of every split through the frozen part into shards: its part of the manifest."""
     dist = distributed.current()
     part: dict = {"frontier": [], "splits": {}, "skipped": []}
@@ -187,9 +153,9 @@ def _write_splits(view: Network, data: DataPlan, splits: list[str], extract: "_E
         rows_per_unit = unit_batches * spec.batch_size
         mine = list(range(dist.rank, n_units, dist.world))
         my_pairs = [p for u in mine for p in pairs[u * rows_per_unit : (u + 1) * rows_per_unit]]
+        batches = ImageLoader(my_pairs, view.preprocess, spec.batch_size, extract.device,
+                              decode_threads(spec.num_workers, extract.device), on_bad_image=spec.on_bad_image)
         writer = ShardWriter(tmp, split_name, unit_batches, mine)
-        batches = ImageLoader(my_pairs, view.preprocess, spec.batch_size, extract.device, threads,
-                              on_bad_image=spec.on_bad_image)
         with reporter.task(f"featurize {split_name}", total=len(my_pairs), unit="img") as task, torch.inference_mode():
             for x, y in batches:
                 outs = extract(x)
@@ -230,11 +196,12 @@ def featurize_recipe(recipe: Recipe, reporter: Reporter = Reporter(), force: boo
 
 
 def featurize_plan(plan: Plan, reporter: Reporter = Reporter(), force: bool = False) -> list[FeatureCache]:
-    plan.report_hints(reporter)
     with plan.recipe.located():
-        return [featurize(plan.network.for_stage(stage), plan.data, plan.device, plan.recipe.cache, plan.recipe.data,
-                          reporter, force=force, splits=splits_read_by(stage, plan.stages))
-                for stage in plan.stages if stage.input == "cache"]
+        caches = [featurize(plan.network.for_stage(stage), plan.data, plan.device, plan.recipe.cache, plan.recipe.data,
+                            reporter, force=force, splits=splits_read_by(stage, plan.stages))
+                  for stage in plan.stages if stage.input == "cache"]
+    plan.report_hints(reporter)  # after the work: what to try next time
+    return caches
 
 
 def splits_read_by(stage: Stage, stages: list[Stage]) -> list[str]:

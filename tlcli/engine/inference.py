@@ -40,8 +40,9 @@ def model_logits(model, pairs, preprocess, batch_size, num_workers, device, repo
     logits, labels = [], []
     batches = ImageLoader(pairs, preprocess, batch_size, device, decode_threads(num_workers, device),
                           on_bad_image=on_bad_image)
-    with reporter.task(description, total=len(pairs), unit="img") as task, torch.inference_mode(), \
-            out_of_memory(f"{description} (batch {batch_size})", "lower data.batch_size (e.g. the override data.batch_size=8)"):
+    lower = "lower data.batch_size (e.g. the override data.batch_size=8)"
+    with (reporter.task(description, total=len(pairs), unit="img") as task, torch.inference_mode(),
+          out_of_memory(f"{description} (batch {batch_size})", lower)):
         for x, y in batches:
             logits.append(model(x).float().cpu())
             labels.append(y)

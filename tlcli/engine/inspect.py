@@ -10,7 +10,6 @@ from typing import Union
 
 from tlcli.config.reading import load_recipe
 from tlcli.config.schema import Recipe
-from tlcli.config.stages import plan_stages
 from tlcli.data.sources import class_names_for
 from tlcli.engine.device import resolve_device
 from tlcli.errors import TLError
@@ -30,13 +29,14 @@ def validate_recipe(recipe: Union[Recipe, Path]) -> None:
 
 def inspect_recipe(recipe: Union[Recipe, Path], stage: int | None = None) -> tuple[list[dict], dict]:
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-    stages = plan_stages(recipe)
+    with recipe.located():
+        names = class_names_for(recipe.data)
+    network = build_network(recipe, names, weights=False)
+    stages = network.stages
     if stage is not None and not 1 <= stage <= len(stages):
         raise TLError(f"{recipe.source.name}: --stage {stage}: the recipe has {len(stages)} stage(s)")
     chosen = stages[(stage or 1) - 1]
-    with recipe.located():
-        names = class_names_for(recipe.data)
-    network = build_network(recipe, names, chosen, weights=False, stages=stages)
+    network = network.for_stage(chosen)
     graph, split = network.graph, network.split
     shapes = graph.output_shapes(network.preprocess.channels, network.preprocess.size)
     frontier = set(split.frontier)

@@ -11,17 +11,14 @@ at their lines.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
-
 import torch
 
 from tlcli.config.schema import Recipe
-from tlcli.config.stages import Stage, plan_stages
+from tlcli.config.stages import Stage
 from tlcli.data.digests import index_path
 from tlcli.data.sources import DataPlan, plan_data, size_hint
 from tlcli.engine import distributed
 from tlcli.engine.device import make_deterministic, resolve_device
-from tlcli.errors import SpecError
 from tlcli.model.build import build_network
 from tlcli.model.network import Network
 from tlcli.progress import Reporter
@@ -35,30 +32,22 @@ class Plan:
     dist: distributed.Dist
     data: DataPlan
     network: Network  # under the first stage's split; `network.for_stage(s)` for the others
-    hint: Optional[str] = None  # advice worth printing once (images far smaller than the input)
 
     def report_hints(self, reporter: Reporter) -> None:
-        if self.hint and self.dist.main:
-            reporter.info(f"hint: {self.hint}")
+        """Advice worth printing once per command (images far smaller than the model's input)."""
+        hint = size_hint(self.data, self.network.preprocess.size)
+        if hint and self.dist.main:
+            reporter.info(f"hint: {hint}")
 
 
 def make_plan(recipe: Recipe) -> Plan:
-    """The recipe planned: stages, device (joined to the process group under torchrun), data,
-    network. Raises the recipe's located errors, all of one kind at once."""
-    stages = plan_stages(recipe)
+    """The recipe planned, from the device down: the device (joined to the process group under
+    torchrun), the data, then the network with its stages. Raises the recipe's located errors."""
     with recipe.located():
         device = resolve_device(recipe.device)
-        make_deterministic(device)
-        data = plan_data(recipe.data, index_path(recipe.cache.dir))
-        _check_stages_against_data(stages, data)
-    network = build_network(recipe, data.class_names, stages=stages)
+    make_deterministic(device)
     dist = distributed.init(device, recipe.distributed.timeout_s)
-    return Plan(recipe, stages, device, dist, data, network, size_hint(data, network.preprocess.size))
-
-
-def _check_stages_against_data(stages: list[Stage], data: DataPlan) -> None:
-    """What a stage needs of the data, checked before anything is built or written."""
-    issues = [(s.fine_tune_loc("early_stopping"), "early stopping watches the validation split; set data.split.val > 0")
-              for s in stages if s.fine_tune.early_stopping is not None and not data.splits.get("val")]
-    if issues:
-        raise SpecError(issues)
+    with recipe.located():
+        data = plan_data(recipe.data, index_path(recipe.cache.dir))
+    network = build_network(recipe, data.class_names)
+    return Plan(recipe, network.stages, device, dist, data, network)

@@ -33,7 +33,7 @@ from tlcli.engine.plan import make_plan
 from tlcli.engine.probe import L2_WITHOUT_VAL, choose_l2
 from tlcli.engine.stage import (CacheBatches, ImageBatches, StageSetup, one_thread_for_a_small_head, rank_batch_size,
                                 set_up)
-from tlcli.errors import out_of_memory
+from tlcli.errors import SpecError, out_of_memory
 from tlcli.files import file_lock
 from tlcli.progress import Reporter
 from tlcli.report.plots import plot_curves
@@ -60,6 +60,8 @@ def fit(recipe: Recipe, reporter: Reporter = Reporter(), force: bool = False, re
     """`tl fit`: plan once, check the run directory (reading only), then train every stage."""
     started = time.perf_counter()
     plan = make_plan(recipe)
+    with recipe.located():
+        _check_stages_against_data(plan)
     recipe_text = dump_recipe(anchored(recipe))  # every path absolute: the run works from any directory
     stage_epochs = [(s.name, s.fine_tune.epochs) for s in plan.stages]
     run = RunDir(recipe.output_dir, writer=plan.dist.main)  # under torchrun, rank 0 alone writes the run
@@ -83,6 +85,14 @@ def fit(recipe: Recipe, reporter: Reporter = Reporter(), force: bool = False, re
         return _finish(ctx, summaries, last_row, cache_key, time.perf_counter() - started)
 
 
+def _check_stages_against_data(plan) -> None:
+    """What a stage needs of the data, checked before anything is written."""
+    issues = [(s.fine_tune_loc("early_stopping"), "early stopping watches the validation split; set data.split.val > 0")
+              for s in plan.stages if s.fine_tune.early_stopping is not None and not plan.data.splits.get("val")]
+    if issues:
+        raise SpecError(issues)
+
+
 def _train_stages(ctx: FitContext, state) -> tuple[list[StageSummary], dict, Optional[str]]:
     """The loop: stage -> epoch -> step. Every stage from the resumed one on; (summaries, last
     metrics row, cache key)."""
@@ -99,8 +109,8 @@ def _train_stages(ctx: FitContext, state) -> tuple[list[StageSummary], dict, Opt
             first = restore_stage(ctx, setup, stopper, state if state is not None and state.stage == stage.index else None)
             _choose_probe_l2(ctx, setup, state)
             epochs_run = first - 1
-            with ctx.reporter.task(_task_name(stage), total=ft.epochs, unit="epoch") as task, \
-                    one_thread_for_a_small_head(setup, ctx.plan.device):
+            with (ctx.reporter.task(_task_name(stage), total=ft.epochs, unit="epoch") as task,
+                  one_thread_for_a_small_head(setup, ctx.plan.device)):
                 task.advance(epochs_run)
                 for epoch in range(first, ft.epochs + 1):
                     if stopper.stopped:

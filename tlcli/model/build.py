@@ -29,15 +29,15 @@ from tlcli.model.zoo import Pretrained, build_base, model_names
 Issues = list[tuple[tuple, str]]
 
 
-def build_network(recipe: Recipe, class_names: list[str], stage: Optional[Stage] = None, weights: bool = True,
-                  stages: Optional[list[Stage]] = None) -> Network:
-    """The recipe's network split for every stage of `stages` (planned here when not given),
-    under `stage`'s split (the first's by default). `weights=False` builds the architecture
-    alone: a checkpoint will supply every tensor. Problems raise this recipe's RecipeError."""
-    stages = stages if stages is not None else plan_stages(recipe)
+def build_network(recipe: Recipe, class_names: list[str], stage: Optional[Stage] = None,
+                  weights: bool = True) -> Network:
+    """The recipe's network, its stages planned and each one's split resolved, under `stage`'s
+    split (the first's by default). `weights=False` builds the architecture alone: a checkpoint
+    will supply every tensor. Problems raise this recipe's RecipeError, all at once."""
     with recipe.located(), out_of_memory("building the model (base, surgery and head)",
                                          "lower the n_out of layers the surgery adds"):
         network, issues = _build(recipe, class_names, weights, seen=())
+        network.stages = stages = plan_stages(recipe)
         for s in stages:
             try:
                 network.splits[s.index] = resolve_split(network.graph, s.freeze, s.freeze_loc)

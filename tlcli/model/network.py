@@ -10,6 +10,7 @@ and export run). All views share the same modules and parameters.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
@@ -19,6 +20,7 @@ from tlcli.config.schema import FreezeSpec
 from tlcli.model.freeze import resolve_split
 from tlcli.model.graph import ModelGraph, PinnedNet, Split, frozen_extractor, trainable_part
 from tlcli.model.preprocess import Preprocess
+from tlcli.model.weights import hash_tensors
 
 
 @dataclass
@@ -31,6 +33,7 @@ class Network:
     model_id: str  # the base model, as the cache key and checkpoint name it
     added: set[str] = field(default_factory=set)  # modules the recipe added or re-initialised
     layer_lr: dict[str, float] = field(default_factory=dict)  # from `add: {lr: ...}`
+    stages: list = field(default_factory=list)  # the recipe's planned stages (config.stages.Stage)
     splits: dict[int, Split] = field(default_factory=dict)  # each stage's, by stage index
     split: Optional[Split] = None  # the split this view is under
 
@@ -48,6 +51,22 @@ class Network:
 
     def extractor(self) -> fx.GraphModule:
         return frozen_extractor(self.split)
+
+    def frozen_identity(self, extractor: fx.GraphModule) -> dict:
+        """Everything about the frozen part (`extractor`, this view's) that determines what it
+        computes: the model, the frontier, the frozen graph's code and module configs, the bytes
+        of the frozen weights, the preprocessing. A cache keyed on these is never stale."""
+        frozen_names = set(self.split.frozen_state_names(self.model))
+        frozen_state = {k: v for k, v in self.model.state_dict().items() if k in frozen_names}
+        modules = "\n".join(f"{n}: {self.model.get_submodule(n)!r}" for n in self.split.frozen_module_names())
+        return {
+            "model": self.model_id,
+            "frontier": self.split.frontier_names,
+            # The frozen graph's code and module configs pin the architecture up to the cut.
+            "architecture": hashlib.blake2b((extractor.code + modules).encode(), digest_size=16).hexdigest(),
+            "weights": hash_tensors(frozen_state),
+            "preprocess": self.preprocess.to_dict(),
+        }
 
     def trainable(self) -> fx.GraphModule:
         return trainable_part(self.split)

@@ -8,33 +8,31 @@ only shrink the size for smoke runs. The same record is saved in a run's
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Annotated, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, TypeAdapter, model_validator
+from pydantic.dataclasses import dataclass
 
 Mode = Literal["squash", "center_crop", "border"]
 Interpolation = Literal["nearest", "nearest-exact", "bilinear", "bicubic", "box", "hamming", "lanczos"]
 
 
-class Preprocess(BaseModel):
+# A pydantic dataclass: built positionally in code, validated with these bounds when read from a checkpoint.
+@dataclass(frozen=True, config=ConfigDict(allow_inf_nan=False))
+class Preprocess:
     """The modes are timm's eval crop modes. `squash` resizes both edges to `resize` (the
     aspect ratio is not kept) and crops the centre size x size; `center_crop` resizes the
     shorter edge to `resize` and crops the centre; `border` resizes the longer edge to
     `resize` and pads with the mean colour (or crops) to size x size."""
 
-    model_config = ConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)
-
-    size: int = Field(ge=1, le=4096)
-    resize: int = Field(ge=1, le=8192)
+    size: Annotated[int, Field(ge=1, le=4096)]
+    resize: Annotated[int, Field(ge=1, le=8192)]
     mode: Mode
-    mean: tuple[Annotated[float, Field(ge=-1e3, le=1e3)], ...] = Field(min_length=1, max_length=3)
-    std: tuple[Annotated[float, Field(gt=0, le=1e3)], ...] = Field(min_length=1, max_length=3)
+    mean: Annotated[tuple[Annotated[float, Field(ge=-1e3, le=1e3)], ...], Field(min_length=1, max_length=3)]
+    std: Annotated[tuple[Annotated[float, Field(gt=0, le=1e3)], ...], Field(min_length=1, max_length=3)]
     interpolation: Interpolation
     channels: Literal[1, 3] = 3  # 1 when an input preprocessor in the model repeats grey to RGB
-
-    def __init__(self, *args, **fields):
-        # Positional too, in the fields' order: Preprocess(224, 224, "squash", mean, std, "bilinear").
-        super().__init__(**dict(zip(type(self).model_fields, args)), **fields)
 
     @model_validator(mode="after")
     def _one_value_per_channel(self) -> "Preprocess":
@@ -43,16 +41,19 @@ class Preprocess(BaseModel):
         return self
 
     def to_dict(self) -> dict:
-        return self.model_dump(mode="json")
+        return _ADAPTER.dump_python(self, mode="json")
 
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocess":
-        return cls(**d)
+        return _ADAPTER.validate_python(d)
 
     def with_size(self, size: Optional[int]) -> "Preprocess":
         if size is None or size == self.size:
             return self
-        return self.model_copy(update={"size": size, "resize": round(self.resize * size / self.size)})
+        return dataclasses.replace(self, size=size, resize=round(self.resize * size / self.size))
+
+
+_ADAPTER = TypeAdapter(Preprocess)
 
 
 def normalized(x, mean, std):

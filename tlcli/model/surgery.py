@@ -57,8 +57,8 @@ def add_input_adapter(built: "Network", spec: InputSpec) -> None:
     placeholder.replace_all_uses_with(node, delete_user_cb=lambda user: user is not node)
     built.graph.names[node] = "input_adapter"
     built.graph.refresh()
-    built.preprocess = Preprocess(spec.size, spec.size, "squash", (0.0,) * spec.channels, (1.0,) * spec.channels,
-                                  pp.interpolation, spec.channels)
+    built.preprocess = Preprocess(size=spec.size, resize=spec.size, mode="squash", mean=(0.0,) * spec.channels,
+                                  std=(1.0,) * spec.channels, interpolation=pp.interpolation, channels=spec.channels)
 
 
 # A layer bigger than this is a typo, not a model: refuse before allocating it.
@@ -193,8 +193,8 @@ class Surgeon:
         for consumer, kind in self._carry(node):
             m = self.graph.module_of(consumer)
             if kind == "next":
-                per_unit = m.in_features // old_out * m.out_features if isinstance(m, nn.Linear) \
-                    else m.out_channels * math.prod(m.kernel_size)
+                per_unit = (m.in_features // old_out * m.out_features if isinstance(m, nn.Linear)
+                            else m.out_channels * math.prod(m.kernel_size))
                 self.check_size(("n_out_replace", "n_out"), per_unit * spec.n_out, f"'{consumer.target}' after it")
 
     def _resized_consumer(self, m: nn.Module, kind: str, spec: NOutReplace, old_out: int, k: int) -> nn.Module:
@@ -240,8 +240,8 @@ class Surgeon:
                     stack.append(user)
                 else:
                     what = type(m).__name__ if m is not None else getattr(user.target, "__name__", str(user.target))
-                    reason = "a grouped/depthwise conv ties its width to its input" if isinstance(m, nn.Conv2d) else \
-                        f"tl can't carry a width through {what}"
+                    reason = ("a grouped/depthwise conv ties its width to its input" if isinstance(m, nn.Conv2d)
+                              else f"tl can't carry a width through {what}")
                     self._blocked(user, reason)
         return found
 

@@ -256,8 +256,9 @@ def timm_preprocess(cfg: dict) -> Preprocess:
     if mode not in TIMM_CROP_MODES:
         raise WeightsError(f"timm crop_mode '{mode}' is not one tl knows ({', '.join(TIMM_CROP_MODES)})")
     crop = float(cfg.get("crop_pct") or 0.875)
-    return Preprocess(int(width), math.floor(width / crop), TIMM_CROP_MODES[mode], tuple(map(float, cfg["mean"])),
-                      tuple(map(float, cfg["std"])), str(cfg["interpolation"]), int(channels) if channels == 1 else 3)
+    return Preprocess(size=int(width), resize=math.floor(width / crop), mode=TIMM_CROP_MODES[mode],
+                      mean=tuple(map(float, cfg["mean"])), std=tuple(map(float, cfg["std"])),
+                      interpolation=str(cfg["interpolation"]), channels=int(channels) if channels == 1 else 3)
 
 
 def timm_pretrained(name: str) -> nn.Module:

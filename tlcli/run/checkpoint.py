@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Optional
 
 from tlcli.config.schema import Recipe
-from tlcli.config.stages import plan_stages
 from tlcli.errors import RunError
 from tlcli.model.build import build_network
 from tlcli.model.graph import PinnedNet
@@ -53,25 +52,24 @@ def load_run(target: Optional[Path], overrides: tuple[str, ...] = ()) -> Run:
     if changes:
         raise RunError(f"override {changes[0]}: a finished run's model, data and split are its own; overrides "
                        f"choose the run (output_dir) and how it runs now ({', '.join(USE_OVERRIDES)})")
-    return load_checkpoint(find_run(Path(target) if target is not None else None, overrides).path, used)
+    run = find_run(Path(target) if target is not None else None, overrides)
+    return load_checkpoint(run.path, used)
 
 
 def load_checkpoint(run_dir, overrides: tuple[str, ...] = ()) -> Run:
     """The finished run in `run_dir`, its saved recipe read with `overrides` of how to use it."""
     run = RunDir(run_dir)
-    meta = run.read_meta()
-    recipe = run.read_recipe(overrides)
-    stages = plan_stages(recipe)
-    if [s.name for s in meta.stages] != [s.name for s in stages]:
+    meta, state, recipe = run.read_finished(overrides)
+    network = build_network(recipe, meta.class_names, weights=False)
+    network = network.for_stage(network.stages[-1])
+    if [s.name for s in meta.stages] != [s.name for s in network.stages]:
         raise RunError(f"{run / CHECKPOINT}: damaged (its stages are not the run's recipe's); {DAMAGED}")
-    network = build_network(recipe, meta.class_names, stages[-1], weights=False, stages=stages)
     split = network.split
     if meta.preprocess != network.preprocess:
         raise RunError(f"{run / CHECKPOINT}: damaged (its preprocessing is not what the run's recipe gives); {DAMAGED}")
     if (meta.frozen_modules, meta.frozen_attrs) != (split.frozen_module_names(), split.frozen_attr_names()):
         raise RunError(f"{run / CHECKPOINT}: damaged (frozen_modules and frozen_attrs are not what the run's recipe "
                        f"freezes); {DAMAGED}")
-    state = run.weights()
     require_sound(state, network.model.state_dict(), run / WEIGHTS, RunError, f"; {DAMAGED}")
     try:
         network.model.load_state_dict(state, strict=True)

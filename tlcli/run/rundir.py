@@ -155,8 +155,8 @@ class RunDir:
 
         Refuses, even with --force, a path that is a file, a non-empty directory tl did not
         write, or the folder that holds the recipe itself (starting over would write over it)."""
-        if recipe_file is not None and recipe_file.is_file() and \
-                self.path.resolve() in (recipe_file.resolve().parent, *recipe_file.resolve().parents):
+        holders = (recipe_file.resolve().parent, *recipe_file.resolve().parents) if recipe_file else ()
+        if recipe_file is not None and recipe_file.is_file() and self.path.resolve() in holders:
             raise SpecError([(("output_dir",), f"{self.path} holds this recipe file; fit would write over it: "
                                                "choose a directory of its own (e.g. runs/NAME)")])
         if self._foreign():
@@ -311,6 +311,13 @@ class RunDir:
         if not self.finished():
             raise RunError(f"{self.path}: no finished run here ({CHECKPOINT} is missing); run `tl fit` first")
         return parse_record(CheckpointMeta, self.path / CHECKPOINT)
+
+    def read_finished(self, overrides: tuple[str, ...] = ()) -> tuple[CheckpointMeta, dict, Any]:
+        """A finished run's three files, each parsed and checked: its checkpoint record, its
+        weights (sound tensors only) and its saved recipe (read with `overrides`)."""
+        meta = self.read_meta()
+        state = self.weights()
+        return meta, state, self.read_recipe(overrides)
 
     def read_recipe(self, overrides: tuple[str, ...] = ()):
         """The run's saved recipe, with `overrides` (from a command line) applied."""
