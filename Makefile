@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.tl-installed
 # local wheel store, and an unpinned torchvision can pull a mismatched torch.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-fast bench head-probe keras-blog two-stage clean install
+.PHONY: demo test test-fast docs bench head-probe keras-blog two-stage clean install
 
 install: $(STAMP)
 
@@ -32,6 +32,10 @@ test: $(STAMP)
 # The inner loop: everything but the process-level tests (slow) and the real pretrained network (real).
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not real" --durations=15
+
+# The recipe-key reference, generated from the schema (tests/test_docs.py checks it is current).
+docs: $(STAMP)
+	$(PY) -c "from tlcli.config.reference import render_reference; open('docs/recipe-reference.md', 'w').write(render_reference())"
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench.py

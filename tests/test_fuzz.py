@@ -252,8 +252,8 @@ def test_fuzzed_recipes_reach_the_engine_and_never_give_a_traceback(capsys):
                 check_errors(out, context)
         reached_fit += any(command == "fit" for command, _, _ in results)
     with capsys.disabled():
-        print(f"\nfuzz (seed {seed}): {CASES} cases, {reached_fit} reached fit, {failed} failed with located errors, "
-              "0 tracebacks")
+        print(f"\nfuzz (seed {seed}): {CASES} cases, {reached_fit} reached fit; {failed} commands exited 1, each "
+              "with located errors; 0 tracebacks")
     assert reached_fit >= CASES / 3, f"only {reached_fit} of {CASES} cases reached fit (seed {seed})"
 
 

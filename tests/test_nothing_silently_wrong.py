@@ -293,5 +293,18 @@ def test_an_override_that_would_change_a_finished_runs_model_or_split_is_refused
     path = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, fine_tune={"epochs": 1}))
     assert cli("fit", path)[0] == 0
     code, out = cli("evaluate", path, override)
-    _error(code, out, f"override {override.partition('=')[0]}: a finished run's model, data and split are its own")
+    _error(code, out, f"override {override.partition('=')[0]}: differs from the finished run's own")
     assert cli("evaluate", path, "data.batch_size=7", "device=cpu")[0] == 0
+
+
+def test_the_overrides_a_run_was_fit_with_may_be_repeated_to_use_it(tmp_path, cli, monkeypatch):
+    """`tl fit R base.input_size=40 output_dir=X` then `tl evaluate R base.input_size=40 output_dir=X`:
+    the same command line, with the verb changed, must work."""
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, fine_tune={"epochs": 1}))
+    same = ("base.input_size=40", "fine_tune.lr=0.02", "cache.dir=relative-cache", f"output_dir={tmp_path / 'other'}")
+    monkeypatch.chdir(tmp_path)  # cache.dir is relative to it here, and saved absolute in the run
+    assert cli("fit", path, *same)[0] == 0
+    code, out = cli("evaluate", path, *same)
+    assert code == 0 and "test accuracy" in out, out
+    code, out = cli("evaluate", path, "base.input_size=48", *same[1:])
+    _error(code, out, "override base.input_size: differs from the finished run's own")

@@ -415,8 +415,12 @@ def test_tiny_images_get_a_hint_about_input_size(tmp_path):
     from tlcli.data.sources import plan_data, size_hint
     from tlcli.config.schema import DataSpec
 
-    hint = size_hint(plan_data(DataSpec(dataset="digits")), 224)
-    assert "about 8 px" in hint and "try 112" in hint
+    digits = plan_data(DataSpec(dataset="digits"))
+    hint = size_hint(digits, 224)
+    assert "about 8 px" in hint and "base.input_size: 112 featurizes" in hint
+    assert "base.input_size: 192 " in size_hint(digits, 384) and "base.input_size: 112 " in size_hint(digits, 160)
+    # Where it stops paying it stops: at 112 px and below, no hint (it used to say "try 56" at 112).
+    assert size_hint(digits, 112) is None and size_hint(digits, 96) is None
     make_imagefolder(tmp_path / "images", per_class=3)  # 24 px images
     folder = plan_data(DataSpec(imagefolder=str(tmp_path / "images"), split={"val": 0.0, "test": 0.34}))
     assert size_hint(folder, 64) is None and "about 24 px" in size_hint(folder, 224)

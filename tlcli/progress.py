@@ -28,6 +28,16 @@ class Reporter:
     def info(self, message: str) -> None:
         pass
 
+    def warn(self, message: str) -> None:
+        """Something the user should know even with --quiet (a setting that is ignored)."""
+
+
+class QuietReporter(Reporter):
+    """--quiet: no progress and no information, but warnings still reach stderr."""
+
+    def warn(self, message: str) -> None:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
 
 class _RichTask(Task):
     def __init__(self, progress, task_id, unit: str):
@@ -66,6 +76,9 @@ class RichReporter(Reporter):
     def info(self, message: str) -> None:
         self.console.print(message, highlight=False)
 
+    def warn(self, message: str) -> None:
+        self.console.print(f"warning: {message}", highlight=False, markup=False)
+
 
 class _LineTask(Task):
     """A few whole lines per task (at each quarter, and at the end), never cut to a width."""
@@ -82,10 +95,12 @@ class _LineTask(Task):
         self.status = fields.get("status", self.status)
         if not self.total:
             return
+        crossed = False
         while self.next_milestone < len(self.MILESTONES) and self.done >= self.MILESTONES[self.next_milestone] * self.total:
             self.next_milestone += 1
-            if self.done < self.total:
-                self.line()
+            crossed = True
+        if crossed and self.done < self.total:  # one line, however many quarters one step crossed
+            self.line()
 
     def line(self) -> None:
         elapsed = time.perf_counter() - self.started
@@ -115,6 +130,9 @@ class LineReporter(Reporter):
     def info(self, message: str) -> None:
         print(message, file=self.stream, flush=True)
 
+    def warn(self, message: str) -> None:
+        print(f"warning: {message}", file=self.stream, flush=True)
+
 
 class RankReporter(LineReporter):
     """A rank other than 0 under torchrun: its messages, tagged with the rank; no progress bars
@@ -130,3 +148,6 @@ class RankReporter(LineReporter):
 
     def info(self, message: str) -> None:
         super().info(message if message.startswith(self.tag) else f"{self.tag}: {message}")
+
+    def warn(self, message: str) -> None:
+        """Rank 0 tells the run's warnings, once."""

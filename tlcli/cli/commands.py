@@ -129,14 +129,16 @@ def validate(
     show: Annotated[bool, typer.Option("--print", metavar=FLAG, help="Print the resolved recipe, defaults filled in.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Check a recipe: its schema, then every layer name against the model's graph."""
+    """Check a recipe: its schema first, in a moment and without loading torch; then every layer
+    name against the model's graph, which builds the model (a few seconds)."""
     out = Out(as_json)
     with user_errors(out):
         from tlcli.config.reading import dump_recipe
         from tlcli.config.stages import recipe_warnings
-        from tlcli.engine.inspect import validate_recipe
 
         loaded = _load(recipe, overrides, out)
+        from tlcli.engine.inspect import validate_recipe  # the graph check is the first that needs torch
+
         validate_recipe(loaded)
     if as_json:
         out.result({"ok": True, "recipe": str(recipe), "warnings": recipe_warnings(loaded),
@@ -157,32 +159,41 @@ def inspect(
     """The model after surgery, node by node: op, output shape, parameters, frozen or trainable, the frontier."""
     out = Out(as_json)
     with user_errors(out):
+        loaded = _load(recipe, overrides, out)  # schema errors answer before torch is loaded
         from tlcli.engine.inspect import inspect_recipe
 
-        rows, summary = inspect_recipe(_load(recipe, overrides, out), stage)
+        rows, summary = inspect_recipe(loaded, stage)
     if as_json:
         out.result({"ok": True, **summary, "nodes": rows})
         return
-    from rich.console import Console
-    from rich.table import Table
+    if not sys.stdout.isatty():
+        # A pipe or a CI log: plain columns, every cell whole (node names are copied into recipes).
+        say(summary["title"])
+        for line in _columns([("#", "node", "op", "output", "params", "state"), *(
+                (r["index"], r["name"], r["op"], r["shape"], f"{r['params']:,}", _state(r)) for r in rows)]):
+            say(line)
+    else:
+        from rich.console import Console
+        from rich.table import Table
 
-    table = Table(title=summary["title"])
-    for column in ("#", "node", "op", "output", "params", "state"):
-        table.add_column(column, justify="right" if column in ("#", "params") else "left", no_wrap=column == "node")
-    for r in rows:
-        state = "[blue]frozen[/]" if r["frozen"] else "[green]trainable[/]"
-        if r["frontier"]:
-            state += " [bold yellow]◀ frontier[/]"
-        if r["added"]:
-            state += " [magenta]new[/]"
-        table.add_row(str(r["index"]), r["name"], r["op"], r["shape"], f"{r['params']:,}", state)
-    # Node names are what users copy into recipes: never truncate them, even in CI logs.
-    console = Console(width=None if sys.stdout.isatty() else 140)
-    console.print(table)
-    console.print(
-        f"frozen parameters: {summary['frozen_params']:,}   trainable: {summary['trainable_params']:,}   "
-        f"frontier: {', '.join(summary['frontier']) or '(input)'}"
-    )
+        table = Table(title=summary["title"])
+        for column in ("#", "node", "op", "output", "params", "state"):
+            table.add_column(column, justify="right" if column in ("#", "params") else "left", no_wrap=column == "node")
+        for r in rows:
+            table.add_row(str(r["index"]), r["name"], r["op"], r["shape"], f"{r['params']:,}", _state(r, rich=True))
+        Console().print(table)
+    say(f"frozen parameters: {summary['frozen_params']:,}   trainable: {summary['trainable_params']:,}   "
+        f"frontier: {', '.join(summary['frontier']) or '(input)'}")
+
+
+def _state(r: dict, rich: bool = False) -> str:
+    colour = (lambda text, style: f"[{style}]{text}[/]") if rich else (lambda text, style: text)
+    state = colour("frozen", "blue") if r["frozen"] else colour("trainable", "green")
+    if r["frontier"]:
+        state += " " + colour("◀ frontier", "bold yellow")
+    if r["added"]:
+        state += " " + colour("new", "magenta")
+    return state
 
 
 @app.command(epilog=_example("tl featurize recipes/quickstart.yaml", "tl featurize recipes/quickstart.yaml --json | jq .caches"))
@@ -339,16 +350,21 @@ def predict(
 
 
 def _prediction_table(result: Any) -> None:
+    header = ("image", *(f"#{i}" for i in range(1, result.top_k + 1)))
+    rows = [(printable(p.path), *(f"{printable(c)} {prob:.3f}" for c, prob in p.top)) for p in result.predictions]
+    if not sys.stdout.isatty():
+        for line in _columns([header, *rows]):  # whole paths, whatever their length, in a pipe or a log
+            say(line)
+        return
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=printable(f"predictions of {result.run_dir}"))
-    table.add_column("image", overflow="fold")
-    for i in range(1, result.top_k + 1):
-        table.add_column(f"#{i}")
-    for p in result.predictions:
-        table.add_row(printable(p.path), *[f"{printable(c)} {prob:.3f}" for c, prob in p.top])
-    Console(width=None if sys.stdout.isatty() else 160).print(table)
+    for column in header:
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
 
 
 @app.command(epilog=_example("tl export runs/quickstart --format onnx -o quickstart.onnx",
@@ -373,22 +389,37 @@ def export(
     out.result({"ok": True, "path": str(result.path), "sidecar": str(result.sidecar), "format": result.format})
 
 
-@app.command(epilog=_example("tl models", "tl models 'resnet*'", "tl models efficientnet --offline"))
+@app.command(epilog=_example("tl models", "tl models 'resnet*' --zoo torchvision", "tl models efficientnet --offline",
+                             "tl models vit --pretrained --json | jq .count"))
 def models(
     pattern: Annotated[Optional[str], typer.Argument(help="A name or glob (e.g. 'resnet*'); a plain word matches inside names.")] = None,
+    zoo: Annotated[Optional[list[str]], typer.Option("--zoo", help="Only this zoo (tl, timm, torchvision); repeatable.")] = None,
     offline: Annotated[bool, typer.Option("--offline", metavar=FLAG, help="Only models whose pretrained weights are here already.")] = False,
+    pretrained: Annotated[bool, typer.Option("--pretrained", metavar=FLAG, help="Only models with pretrained weights.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """What the zoos offer (tl, timm, torchvision), with whether pretrained weights are available offline."""
-    from tlcli.model.catalog import list_models
+    """What the zoos offer (tl, timm, torchvision): a header, one row per model and weights, a count."""
+    from tlcli.model.catalog import ZOOS, list_models
 
-    rows = [r for r in list_models(pattern) if r.offline or not offline]
+    out = Out(as_json)
+    unknown = [z for z in zoo or () if z not in ZOOS]
+    if unknown:
+        out.fail(TLError(f"--zoo {unknown[0]}: not one of {', '.join(ZOOS)}"), EXIT_USAGE)
+    rows = list_models(pattern, tuple(zoo or ZOOS), offline, pretrained)
     if as_json:
         print_json({"ok": True, "exit_code": EXIT_OK, "count": len(rows), "models": [r.__dict__ for r in rows]})
         return
-    for r in rows:
-        typer.echo(f"{r.zoo:<12} {r.model:<48} {'offline' if r.offline else '-':<8} {r.weights}")
-    typer.echo(f"{len(rows)} model(s); offline: pretrained weights are here (or embedded) and need no download", err=True)
+    header = ("zoo", "model", "offline", "weights (base.weights)")
+    table = [header, *((r.zoo, r.model, "offline" if r.offline else "-", r.weights) for r in rows)]
+    for line in _columns(table):
+        say(line)
+    say(f"{len(rows)} model(s); offline: the weights are here (or embedded) and need no download", err=True)
+
+
+def _columns(rows: list[tuple]) -> list[str]:
+    """Rows as text columns as wide as their widest cell: nothing is cut, in a terminal or a pipe."""
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
 
 
 @recipes_app.callback()

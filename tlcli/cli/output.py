@@ -66,10 +66,10 @@ class Out:
             print_json({"exit_code": EXIT_OK, **obj})
 
     def reporter(self):
-        from tlcli.progress import LineReporter, RankReporter, Reporter, RichReporter
+        from tlcli.progress import LineReporter, QuietReporter, RankReporter, RichReporter
 
         if self.quiet:
-            return Reporter()
+            return QuietReporter()
         if not self.dist.main:
             return RankReporter(str(self.dist))
         return RichReporter() if sys.stderr.isatty() else LineReporter()

@@ -90,8 +90,10 @@ def _digits_image(index: int, channels: int) -> torch.Tensor:
     from tlcli.data.sources import digits_arrays
 
     images, _ = digits_arrays()
-    # Digits store ink intensity 0..16; as a photo that is dark ink on white.
-    grey = 1.0 - torch.from_numpy(images[index]) / 16.0
+    # Digits store ink intensity 0..16. They are rendered as a PNG of them comes out when written
+    # the natural way, (x * 255 / 16).astype(uint8): white ink on black, the same uint8 pixels, so
+    # that a user's own digit files are what the model was trained on.
+    grey = torch.from_numpy((images[index] * 255 / 16).astype(np.uint8))
     return grey.unsqueeze(0).expand(channels, -1, -1).contiguous()
 
 
@@ -157,7 +159,7 @@ def _pil_to_uint8(im, channels: int) -> np.ndarray:
 
 
 def read_image(source: Source, channels: int = 3) -> torch.Tensor:
-    """One image as CHW: uint8 for files, float32 in [0, 1] for the digits array."""
+    """One image as uint8 CHW: a file, or an image of the digits array."""
     if isinstance(source, (int, np.integer)):
         return _digits_image(int(source), channels)
     return _decode_file(source, channels)

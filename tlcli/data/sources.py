@@ -39,6 +39,7 @@ class DataPlan:
     splits: dict[str, list[tuple[Source, int]]]
     root: Optional[Path] = None
     index: Optional[Path] = None  # the digest index's file (beside the feature cache)
+    on_disk: tuple[str, ...] = ()  # the splits the folder holds as train/ val/ test/ (none carved)
     _fingerprint: Optional[str] = field(default=None, init=False, repr=False, compare=False)
 
     def fingerprint(self) -> str:
@@ -137,7 +138,7 @@ def plan_imagefolder(spec: DataSpec, root: Path) -> DataPlan:
             raise SpecError([(loc, f"{root / split} holds no images (extensions: {listed_extensions()})")])
         splits[split] = pairs
     _check_classes(splits["train"], kept, root / "train", loc)
-    return DataPlan("files", kept, _carve_missing(spec, splits), root)
+    return DataPlan("files", kept, _carve_missing(spec, splits), root, on_disk=tuple(present))
 
 
 def require_every_class(plan: DataPlan, skipped: set[str]) -> None:
@@ -152,21 +153,26 @@ def require_every_class(plan: DataPlan, skipped: set[str]) -> None:
                         f"every one){more}; fix or remove its files")
 
 
+# Below this an ImageNet network's features start to fade (the digits quickstart: 0.967 at 112 px,
+# 0.944 at 80, 0.940 at 64) while the time saved is a few seconds: the hint never goes lower.
+HINT_FLOOR = 112
+
+
 def size_hint(plan: DataPlan, input_size: int) -> Optional[str]:
-    """A hint when the images are far smaller than the model's input: upscaling 8-px digits
-    to 224 px costs ~20x the compute of 112 px, and scored lower there."""
-    if input_size < 96:
-        return None  # small inputs are cheap already
+    """A hint when the images are far smaller than the model's input: featurizing 8-px digits at
+    224 px took 5.6x the time of 112 px, which scored higher. It stops at HINT_FLOOR."""
+    if input_size <= HINT_FLOOR:
+        return None
     sides = _typical_sides(plan)
     if not sides:
         return None
     side = int(np.median(sides))
     if side * 4 > input_size:
         return None
-    smaller = input_size // 2
+    smaller = max(HINT_FLOOR, input_size // 2)
     return (f"the images are about {side} px on their shorter side and are upscaled {input_size / side:.0f}x to "
-            f"{input_size} px; a smaller base.input_size (try {smaller}) featurizes several times faster "
-            "and may score as well or better (on digits, 112 px was ~20x faster than 224 and scored higher)")
+            f"{input_size} px; base.input_size: {smaller} featurizes several times faster and may score as well "
+            f"(on the digits quickstart, 112 px featurized 5.6x faster than 224 and scored higher)")
 
 
 def _typical_sides(plan: DataPlan, samples: int = 24) -> list[int]:

@@ -29,7 +29,8 @@ from tlcli.files import atomic_write, file_lock, fsync_directory, tensors_bytes,
 
 # 2: images are resized in uint8 by the pipeline (rounding differs from format 1's float resize).
 # 3: the manifest records each shard's digest, checked whenever the shard is read.
-CACHE_FORMAT = 3
+# 4: the built-in digits are rendered white on black, in uint8, as a PNG of them holds them.
+CACHE_FORMAT = 4
 MANIFEST = "manifest.json"
 
 Batches = Iterator[tuple[list[torch.Tensor], torch.Tensor]]

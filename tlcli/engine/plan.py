@@ -34,10 +34,21 @@ class Plan:
     network: Network  # under the first stage's split; `network.for_stage(s)` for the others
 
     def report_hints(self, reporter: Reporter) -> None:
-        """Advice worth printing once per command (images far smaller than the model's input)."""
+        """Advice worth printing once per command: images far smaller than the model's input, and
+        settings this plan ignores (a split for a folder split on disk, torchrun's without it)."""
+        if not self.dist.main:
+            return
         hint = size_hint(self.data, self.network.preprocess.size)
-        if hint and self.dist.main:
+        if hint:
             reporter.info(f"hint: {hint}")
+        recipe = self.recipe
+        if set(self.data.on_disk) == {"train", "val", "test"} and "split" in recipe.data.model_fields_set:
+            reporter.warn(str(recipe.problem(("data", "split"), f"ignored: {self.data.root} is split on disk into "
+                                                                 "train/, val/ and test/")))
+        if not self.dist.enabled:
+            for key in sorted(recipe.distributed.model_fields_set):
+                reporter.warn(str(recipe.problem(("distributed", key), "ignored: read under torchrun only "
+                                                                        "(this is one process)")))
 
 
 def make_plan(recipe: Recipe) -> Plan:

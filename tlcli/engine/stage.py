@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 import torch
@@ -187,6 +187,8 @@ class StageSetup:
     cache: Optional[FeatureCache] = None
     probe: Optional[Probe] = None
     sharded: bool = False  # under torchrun, an image stage: each rank trains on its share of the batches
+    # fine_tune keys this stage's network gives nothing to act on, with why (told as warnings).
+    unused: dict[str, str] = field(default_factory=dict)
 
     @property
     def trainable_params(self) -> int:
@@ -205,7 +207,11 @@ def set_up(view: Network, stage: Stage, device: torch.device, batches, cache: Op
     ft = stage.fine_tune
     on_images = stage.input == "images"
     forward = StageForward(view, on_images, device, ft.train_bn)
-    apply_dropout(view.model, forward.pinned.frozen_modules, ft.dropout)
+    unused = {}
+    if not apply_dropout(view.model, forward.pinned.frozen_modules, ft.dropout) and ft.dropout is not None:
+        unused["dropout"] = "this stage trains no Dropout layer"
+    if not ft.train_bn and not any(p.requires_grad for m in forward.norms for p in m.parameters()):
+        unused["train_bn"] = "this stage trains no BatchNorm layer"
     params = [(n, p) for n, p in view.model.named_parameters() if p.requires_grad]
     if not params:
         raise SpecError([(stage.freeze_loc, "everything is frozen: there is nothing left to train")])
@@ -216,7 +222,8 @@ def set_up(view: Network, stage: Stage, device: torch.device, batches, cache: Op
     ft = ft.model_copy(update={"optimizer": "lbfgs" if probe else resolve_optimizer(stage, None)})
     optimizer = make_optimizer(ft, params, {**view.layer_lr, **ft.layer_lr})
     scheduler = make_scheduler(ft, optimizer, 1 if probe else max(batches.steps, 1))
-    return StageSetup(stage, ft, view, forward, params, optimizer, scheduler, batches, has_val, cache, probe, sharded)
+    return StageSetup(stage, ft, view, forward, params, optimizer, scheduler, batches, has_val, cache, probe, sharded,
+                      unused)
 
 
 def _probe_for(stage: Stage, trainable: torch.fx.GraphModule, cache: FeatureCache, batches: CacheBatches) -> Optional[Probe]:
@@ -243,15 +250,19 @@ def resolve_optimizer(stage: Stage, probe_head_name: Optional[str]) -> str:
     return ft.optimizer
 
 
-def apply_dropout(model: nn.Module, frozen_modules: list[str], p: Optional[float]) -> None:
-    """`fine_tune.dropout`: the p of every trainable Dropout layer (frozen ones are left alone)."""
+def apply_dropout(model: nn.Module, frozen_modules: list[str], p: Optional[float]) -> int:
+    """`fine_tune.dropout`: the p of every trainable Dropout layer (frozen ones are left alone).
+    Returns how many layers it set, so that a setting that reaches none can be told."""
     if p is None:
-        return
+        return 0
     frozen = set(frozen_modules)
     inside_frozen = tuple(f + "." for f in frozen_modules)
+    found = 0
     for name, m in model.named_modules():
         if isinstance(m, nn.Dropout) and name not in frozen and not name.startswith(inside_frozen):
             m.p = p
+            found += 1
+    return found
 
 
 @contextlib.contextmanager

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from tlcli.config.reading import anchored, dump_recipe
 from tlcli.config.schema import FineTuneSpec, Recipe
-from tlcli.config.stages import Stage
+from tlcli.config.stages import Stage, ignored_by_optimizer, ignored_keys
 from tlcli.data.pipeline import decode_threads
 from tlcli.data.sources import require_every_class
 from tlcli.engine import distributed
@@ -224,14 +224,27 @@ def _set_up_stage(ctx: FitContext, stage: Stage) -> StageSetup:
         batch = rank_batch_size(stage, plan.recipe.distributed, plan.dist.world)
         batches = ImageBatches(view, plan.data.splits, stage, plan.device, decode_threads(spec.num_workers, plan.device),
                                batch, spec.batch_size, spec.on_bad_image, ctx.skipped)
-        return set_up(view, stage, plan.device, batches, None, plan.recipe.distributed, has_val)
+        return _told_unused(ctx, set_up(view, stage, plan.device, batches, None, plan.recipe.distributed, has_val))
     cache = featurize(view, plan.data, plan.device, plan.recipe.cache, spec, ctx.reporter,
                       splits=splits_read_by(stage, plan.stages))
     ctx.skipped.update(cache.skipped)
     # Held until the fit ends: `featurize --force` must not swap the cache out from under it.
     ctx.locks.enter_context(file_lock(read_lock(cache.path), shared=True))
     batches = CacheBatches(cache, plan.device, stage.fine_tune.batch_size, plan.recipe.cache.memory_mib)
-    return set_up(view, stage, plan.device, batches, cache, plan.recipe.distributed, has_val)
+    return _told_unused(ctx, set_up(view, stage, plan.device, batches, cache, plan.recipe.distributed, has_val))
+
+
+def _told_unused(ctx: FitContext, setup: StageSetup) -> StageSetup:
+    """Warns of each setting the stage, once set up, ignores: what `optimizer: auto` resolved to
+    does not read (explicit choices were told when the recipe was read), or what the network
+    gives nothing to act on."""
+    recipe, stage = ctx.plan.recipe, setup.stage
+    warnings = ignored_by_optimizer(recipe, stage, setup.ft.optimizer) if stage.fine_tune.optimizer == "auto" else []
+    for key, why in setup.unused.items():
+        warnings += ignored_keys(recipe, stage, (key,), why)
+    for warning in dict.fromkeys(map(str, warnings)) if ctx.plan.dist.main else ():
+        ctx.reporter.warn(warning)
+    return setup
 
 
 def _choose_probe_l2(ctx: FitContext, setup: StageSetup, state) -> None:

@@ -41,6 +41,7 @@ def build_network(recipe: Recipe, class_names: list[str], stage: Optional[Stage]
         for s in stages:
             try:
                 network.splits[s.index] = resolve_split(network.graph, s.freeze, s.freeze_loc)
+                issues.extend(_check_something_trains(network, s))
             except SpecError as err:
                 issues.extend(err.issues)
             issues.extend(_check_layer_lr(network, recipe, s))
@@ -119,6 +120,15 @@ def _from_run(recipe: Recipe, weights: bool, seen: tuple) -> tuple[ModelGraph, o
     if weights:
         parent.model.load_state_dict(run.weights(), strict=True)
     return parent.graph, parent.preprocess, meta.class_names
+
+
+def _check_something_trains(network: Network, stage: Stage) -> Issues:
+    """A boundary at (or past) the model's output freezes every parameter: refused at validate."""
+    frozen = set(network.splits[stage.index].frozen_state_names(network.model))
+    if any(name not in frozen for name, _ in network.model.named_parameters()):
+        return []
+    return [((*stage.freeze_loc, *stage.freeze.loc), "everything is frozen: there is nothing left to train (move the "
+                                                     "boundary before the head; 'tl inspect' lists the nodes)")]
 
 
 def _check_layer_lr(network: Network, recipe: Recipe, stage: Stage) -> Issues:

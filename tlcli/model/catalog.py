@@ -22,8 +22,16 @@ def _matches(name: str, pattern: Optional[str]) -> bool:
     return fnmatch.fnmatch(name.lower(), glob.lower())
 
 
-def list_models(pattern: Optional[str] = None) -> list[ModelRow]:
-    return [*_tl_models(pattern), *_timm_models(pattern), *_torchvision_models(pattern)]
+ZOOS = ("tl", "timm", "torchvision")
+
+
+def list_models(pattern: Optional[str] = None, zoos: tuple[str, ...] = ZOOS, offline: bool = False,
+                pretrained: bool = False) -> list[ModelRow]:
+    """The rows of `tl models`: those matching `pattern` in `zoos`; `offline`: only those whose
+    weights need no download; `pretrained`: only those with pretrained weights."""
+    listers = {"tl": _tl_models, "timm": _timm_models, "torchvision": _torchvision_models}
+    rows = [row for zoo in ZOOS if zoo in zoos for row in listers[zoo](pattern)]
+    return [r for r in rows if (r.offline or not offline) and (r.weights != "none" or not pretrained)]
 
 
 def _tl_models(pattern: Optional[str]) -> list[ModelRow]:

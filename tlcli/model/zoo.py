@@ -207,7 +207,8 @@ def model_names(zoo: str) -> list[str]:
     if zoo == "timm":
         import timm
 
-        return timm.list_models()
+        # Architectures, and their pretrained tags (`resnet18.a1_in1k`), as `tl models` lists them.
+        return sorted({*timm.list_models(), *timm.list_pretrained()})
     if zoo == "torchvision":
         import torchvision.models
         from torchvision.models import list_models

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from tlcli.config.reading import anchored
 from tlcli.config.schema import Recipe
 from tlcli.errors import RunError
 from tlcli.model.build import build_network
@@ -47,13 +48,23 @@ class Run:
 
 def load_run(target: Optional[Path], overrides: tuple[str, ...] = ()) -> Run:
     """The run a command names (a run directory, a recipe, or the last fit here), read once."""
-    used = tuple(o for o in overrides if o.partition("=")[0].strip() in USE_OVERRIDES)
-    changes = [o.partition("=")[0].strip() for o in overrides if o not in used and not o.startswith("output_dir=")]
-    if changes:
-        raise RunError(f"override {changes[0]}: a finished run's model, data and split are its own; overrides "
-                       f"choose the run (output_dir) and how it runs now ({', '.join(USE_OVERRIDES)})")
     run = find_run(Path(target) if target is not None else None, overrides)
-    return load_checkpoint(run.path, used)
+    return load_checkpoint(run.path, _use_overrides(run, overrides))
+
+
+def _use_overrides(run: RunDir, overrides: tuple[str, ...]) -> tuple[str, ...]:
+    """The overrides of how to use the run. One that restates the run's own value (the command
+    line that fit it, repeated) is dropped; one that would change its model, data or split is refused."""
+    used = tuple(o for o in overrides if o.partition("=")[0].strip() in USE_OVERRIDES)
+    rest = [o for o in overrides if o not in used and o.partition("=")[0].strip() != "output_dir"]
+    if rest:
+        saved = anchored(run.read_recipe()).model_dump()  # paths compare as the run saved them: absolute
+        for override in rest:
+            if anchored(run.read_recipe((override,))).model_dump() != saved:
+                raise RunError(f"override {override.partition('=')[0].strip()}: differs from the finished run's own; "
+                               "a run's model, data and split are fixed when it is fit, and overrides choose the run "
+                               f"(output_dir) and how it runs now ({', '.join(USE_OVERRIDES)})")
+    return used
 
 
 def load_checkpoint(run_dir, overrides: tuple[str, ...] = ()) -> Run:
