@@ -71,6 +71,13 @@ def cli():
     return run
 
 
+def inspect_rows(output: str) -> dict[str, list[str]]:
+    """`tl inspect`'s table as printed without a terminal: node name -> its cells (index, name,
+    op, output, params, then the state words)."""
+    rows = [line.split() for line in output.splitlines() if line[:1].isdigit() and len(line.split()) >= 6]
+    return {cells[1]: cells for cells in rows}
+
+
 def run_tl(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """`tl` as a real subprocess, for what only a process shows (exit codes, tracebacks, kills)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from tlcli.config.reading import load_recipe
 
-from conftest import REPO, make_imagefolder, write_recipe
+from conftest import REPO, inspect_rows, make_imagefolder, write_recipe
 
 RECIPES = REPO / "recipes"
 SEEDS = ["vgg16-a-replace-predictions", "vgg16-b-bottleneck", "vgg16-c-continue",
@@ -58,9 +58,9 @@ def test_vgg16_workflows_a_b_c_end_to_end(tmp_path, cli, vgg16_file):
     b = write_recipe(tmp_path / "b.yaml", _shrunk("vgg16-b-bottleneck", tmp_path, folder, base=weights))
     code, out = cli("inspect", b)
     assert code == 0, out
-    rows = {line.split("│")[2].strip(): line for line in out.splitlines() if line.count("│") > 6}
-    assert "│ 1024 " in rows["classifier.3"] and "│ 256 " in rows["fc3"] and "new" in rows["fc3"]
-    assert "│ 3 " in rows["predictions"] and "classifier.6" not in rows
+    rows = inspect_rows(out)
+    assert rows["classifier.3"][3] == "1024" and rows["fc3"][3] == "256" and "new" in rows["fc3"]
+    assert rows["predictions"][3] == "3" and "classifier.6" not in rows
     assert "frontier" in rows["features.30"]
     assert cli("fit", b)[0] == 0
     assert cli("evaluate", b)[0] == 0

@@ -189,6 +189,9 @@ class FreezeSpec(Strict):
         # `freeze: none` says in the recipe what an absent freeze means: the whole network trains.
         if value == "none":
             return {}
+        if isinstance(value, dict) and "until" in value and value["until"] is None and value.get("all_but_last") is not None:
+            # `until: null` beside all_but_last (an override switching boundaries) says "not until".
+            value = {k: v for k, v in value.items() if k != "until"}
         if value is None:
             # `freeze:` with nothing after it, like `until:`, would freeze nothing, silently (`{}` says it).
             raise ValueError("names no boundary: write 'freeze: {until: NODE}' ('tl inspect' lists the nodes), or "
