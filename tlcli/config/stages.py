@@ -1,4 +1,4 @@
-"""Stage planning: the recipe's stages resolved once, each with its freeze, fine_tune and input. Imports no torch.
+"""Stage planning: the recipe's stages resolved once, each with its freeze, fine_tune and input, and the settings they ignore. Imports no torch.
 
 A stage overrides any `fine_tune` key of the recipe's; a stage without a
 freeze inherits the one before it; `input: auto` trains on the cache when
