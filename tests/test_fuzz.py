@@ -200,8 +200,9 @@ def mutated(rng: random.Random):
 # --------------------------------------------------------------------------- running
 
 
-def run_commands(text: str, overrides=(), commands=("validate", "fit", "evaluate")) -> list[tuple[str, int, str]]:
-    """Each command on the recipe while the previous ones succeed: (command, exit code, output)."""
+def run_commands(text: str, overrides=(), commands=("validate", "fit", "evaluate"), context: str = "") -> list[tuple[str, int, str]]:
+    """Each command on the recipe while the previous ones succeed: (command, exit code, output).
+    `context` (the seed and case that made the recipe) goes into the message of a traceback."""
     results = []
     home = os.getcwd()
     with tempfile.TemporaryDirectory() as tmp:
@@ -216,7 +217,7 @@ def run_commands(text: str, overrides=(), commands=("validate", "fit", "evaluate
                 try:
                     result = invoke(*args)
                 except Exception as err:  # noqa: BLE001 - any traceback is the finding
-                    raise AssertionError(f"traceback from `tl {command}` for this recipe and {overrides}:\n{text}") from err
+                    raise AssertionError(f"traceback from `tl {command}` for this recipe and {overrides}:\n{text}\n{context}") from err
                 results.append((command, result.exit_code, result.output))
                 if result.exit_code:
                     break
@@ -244,7 +245,7 @@ def test_fuzzed_recipes_reach_the_engine_and_never_give_a_traceback(capsys):
     for case in range(CASES):
         base, text, overrides, path = mutated(rng)
         context = f"fuzz seed {seed}, case {case} ({base}, {path}); overrides {overrides}; recipe:\n{text}"
-        results = run_commands(text, overrides)
+        results = run_commands(text, overrides, context=context)
         for command, code, out in results:
             assert code in (0, 1), f"`tl {command}` exited {code}\n{context}\n{out}"
             if code == 1:

@@ -135,3 +135,63 @@ def test_frontier_plus_trainable_equals_full_model_and_frozen_gets_no_gradient(z
     transfer.zero_grad(set_to_none=True)
     transfer(x).logsumexp(1).sum().backward()
     assert all(params[k].grad is None for k in frozen if k in params)
+
+
+class _LayerScaleNet(torch.nn.Module):
+    """A ConvNeXt-like block: its layer scale reaches the graph through a chain that does not
+    depend on the input (`gamma.reshape(1, -1, 1, 1)`), and its layers are zoo subclasses of
+    Linear, BatchNorm and Dropout (as timm's `Linear` is)."""
+
+    class Linear(torch.nn.Linear):
+        def forward(self, x):
+            return torch.nn.functional.linear(x, self.weight, self.bias)
+
+    class BatchNorm(torch.nn.BatchNorm2d):
+        pass
+
+    class Dropout(torch.nn.Dropout):
+        pass
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.gamma = torch.nn.Parameter(torch.full((4,), 0.5))
+        self.bn = self.BatchNorm(4)
+        self.conv2 = torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.bn2 = self.BatchNorm(4)
+        self.drop = self.Dropout(0.5)
+        self.fc = self.Linear(4, 3)
+
+    def forward(self, x):
+        x = self.bn(self.conv(x) * self.gamma.reshape(1, -1, 1, 1))
+        x = self.bn2(self.conv2(x)).mean((2, 3))
+        return self.fc(self.drop(x))
+
+
+def test_a_parameter_used_through_a_constant_chain_is_frozen_with_its_block_and_featurizes():
+    # convnext's `gamma.reshape` and swin's relative-position table gave `KeyError: reshape`
+    # at featurize, and left such a parameter out of the frozen ones.
+    model = _LayerScaleNet()
+    split = _check_equivalence(model, "tl", "bn", 8)
+    assert "gamma" in split.frozen_attr_names()
+    assert "gamma" in split.frozen_state_names(model)
+    PinnedNet(model, split.frozen_module_names(), split.frozen_attr_names())
+    assert not model.gamma.requires_grad and model.conv2.weight.requires_grad
+
+
+def test_zoo_subclasses_of_linear_batchnorm_and_dropout_stay_single_layers_that_keep_their_mode():
+    model = _LayerScaleNet()
+    graph = ModelGraph.trace(model, "tl")
+    assert graph.linear_layers() == ["fc"]  # the head and the probe find a Linear subclass
+    split = split_at(graph, [graph.resolve("bn")])
+    assert {"bn", "conv"} <= set(split.frozen_module_names())
+    net = PinnedNet(model, split.frozen_module_names(), split.frozen_attr_names()).train()
+    frozen_stats, trainable_stats = model.bn.running_mean.clone(), model.bn2.running_mean.clone()
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 8, 8)
+    out = trainable_part(split)(*frozen_extractor(split)(x))
+    # Traced through, the BN subclass would have its eval branch baked in: the trainable one
+    # would never update its statistics and the dropout never drop.
+    assert torch.equal(model.bn.running_mean, frozen_stats)
+    assert not torch.equal(model.bn2.running_mean, trainable_stats)
+    assert net.training and not torch.equal(out, trainable_part(split)(*frozen_extractor(split)(x)))

@@ -198,3 +198,15 @@ def test_a_tampered_checkpoint_is_one_line_naming_the_file(run_dir, tmp_path, cl
     tamper(run)
     code, out = cli("evaluate", run)
     _one_error(code, out, fragment)
+
+
+def test_a_head_layer_with_layers_after_it_is_an_error_at_its_line_not_a_traceback_at_fit(tmp_path, cli):
+    # Found by the fuzz (head.layer=fc1 on simple_cnn, whose fc2 then gets 10 inputs, not 128):
+    # validate said ok and fit died with a shape traceback.
+    recipe = tiny_recipe(tmp_path, base={"model": "simple_cnn"}, freeze={"until": "relu1"}, head={"layer": "fc1"})
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    for command in ("validate", "fit"):
+        code, out = cli(command, str(path))
+        _one_error(code, out, "head.layer", "not the model's last Linear layer", "name the classifier ('fc2')")
+    code, out = cli("validate", str(path), "head.layer=fc2")
+    assert code == 0, out

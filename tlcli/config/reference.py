@@ -17,7 +17,7 @@ import typing
 from typing import Any, Literal, Union
 
 from pydantic import BaseModel
-from pydantic_core import PydanticUndefined
+from pydantic.fields import PydanticUndefined
 
 from tlcli.config.schema import Recipe
 

@@ -9,12 +9,14 @@ from tlcli.files import atomic_write, claim_outputs
 
 
 def _recipe_dir() -> Path:
-    """The shipped recipes: `recipes/` of the checkout tl is installed from (`make install`
-    installs it editable, which is the supported install)."""
-    checkout = Path(__file__).resolve().parents[2] / "recipes"
-    if not checkout.is_dir():
-        raise TLError(f"{checkout}: the shipped recipes are not here; tl is installed from a checkout (make install)")
-    return checkout
+    """The shipped recipes: package data of tlcli (`tlcli/recipes`, in a checkout a link to the
+    top-level `recipes/`), so that a wheel installed anywhere has them too."""
+    from importlib.resources import files
+
+    shipped = Path(str(files("tlcli") / "recipes"))
+    if not shipped.is_dir() or not any(shipped.glob("*.yaml")):
+        raise TLError(f"{shipped}: the shipped recipes are missing from this installation of tl; reinstall it")
+    return shipped
 
 
 def shipped_recipes() -> dict[str, str]:

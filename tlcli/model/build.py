@@ -71,17 +71,37 @@ def _build(recipe: Recipe, class_names: list[str], weights: bool, seen: tuple) -
             apply_head(network, recipe.head, recipe.fine_tune.seed, keep_trained=continuing)
         except SpecError as err:
             issues = err.issues
+        else:
+            issues = _head_fits(network)
     return network, issues
+
+
+def _head_fits(network: Network) -> list:
+    """A head layer with layers after it (head.layer naming fc1 of fc1 -> fc2) now gives one
+    output per class, which the next layer does not take: said at head.layer, before any run."""
+    graph = network.graph
+    if network.head_layer is None or network.head_layer == graph.linear_layers()[-1]:
+        return []
+    reason = _why_it_does_not_run(graph, network.preprocess)
+    if not reason:
+        return []
+    return [(("head", "layer"), f"'{network.head_layer}' is not the model's last Linear layer, and with one output "
+                                f"per class ({network.num_classes}) the layers after it no longer fit ({reason}); "
+                                f"name the classifier ('{graph.linear_layers()[-1]}')")]
 
 
 def _dry_run(graph: ModelGraph, preprocess) -> str:
     """Why the base model cannot run on one image at the input size (a fixed-size layer, such
     as a Linear after a flatten, fits one size only), or '' when it runs."""
+    reason = _why_it_does_not_run(graph, preprocess)
+    return f"the model does not run on {preprocess.size}x{preprocess.size} inputs ({reason})" if reason else ""
+
+
+def _why_it_does_not_run(graph: ModelGraph, preprocess) -> str:
     try:
         graph.output_shapes(preprocess.channels, preprocess.size)
     except Exception as err:  # noqa: BLE001 - torch reports shape mismatches as several error types
-        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        return f"the model does not run on {preprocess.size}x{preprocess.size} inputs ({reason})"
+        return str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
     return ""
 
 

@@ -18,6 +18,14 @@ from torch import fx, nn
 from tlcli.errors import did_you_mean
 
 
+# Kept whole (one node each) even when a zoo subclasses them. Traced through, a BatchNorm or
+# Dropout subclass would have its eval-mode branch baked into the graph (fx reads
+# `self.training` once, at trace time), so it could neither be pinned to eval when frozen nor
+# train when trainable; a Linear subclass (timm's `Linear`) would no longer be a Linear that
+# the head and the probe can find.
+MODE_AND_HEAD_LEAVES = (nn.Linear, nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
+
+
 def _tracer(zoo: str):
     from torchvision.models.feature_extraction import NodePathTracer
 
@@ -26,8 +34,9 @@ def _tracer(zoo: str):
         # data-dependent padding that plain fx cannot trace.
         from timm.layers import get_notrace_functions, get_notrace_modules
 
-        return NodePathTracer(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions())
-    return NodePathTracer()
+        return NodePathTracer(leaf_modules=[*get_notrace_modules(), *MODE_AND_HEAD_LEAVES],
+                              autowrap_functions=get_notrace_functions())
+    return NodePathTracer(leaf_modules=list(MODE_AND_HEAD_LEAVES))
 
 
 @dataclass
@@ -153,6 +162,24 @@ def _input_dependent(graph: fx.Graph) -> set[fx.Node]:
     return dependent
 
 
+def _constant_consumers(graph: fx.Graph) -> dict[fx.Node, set[fx.Node]]:
+    """For each node that does not depend on the input, the input-dependent nodes its value
+    reaches. A parameter is often used through a chain of such nodes (ConvNeXt's layer scale
+    `gamma.reshape(1, -1, 1, 1)`, Swin's relative-position table `table[index].view(...)`):
+    which part the parameter belongs to is decided by where the chain ends, not by its first
+    user."""
+    dependent = _input_dependent(graph)
+    consumers: dict[fx.Node, set[fx.Node]] = {}
+    for node in reversed(graph.nodes):
+        if node in dependent:
+            continue
+        reached: set[fx.Node] = set()
+        for user in node.users:
+            reached |= {user} if user in dependent else consumers.get(user, set())
+        consumers[node] = reached
+    return consumers
+
+
 @dataclass
 class Split:
     """The frozen/trainable partition of a traced model.
@@ -189,9 +216,10 @@ class Split:
     def frozen_attr_names(self) -> list[str]:
         """Parameters fetched directly (get_attr) and used only by frozen nodes."""
         users: dict[str, set[bool]] = {}
+        consumers = _constant_consumers(self.graph.module.graph)
         for node in self.graph.module.graph.nodes:
             if node.op == "get_attr":
-                users.setdefault(node.target, set()).update(u in self.frozen or u in self.pinned for u in node.users)
+                users.setdefault(node.target, set()).update(u in self.frozen or u in self.pinned for u in consumers[node])
         return [t for t, seen in users.items() if seen == {True}]
 
     def frozen_state_names(self, model: nn.Module) -> list[str]:
@@ -248,10 +276,12 @@ def frozen_extractor(split: Split) -> fx.GraphModule:
     """The frozen part alone, returning the frontier tensors as a tuple."""
     g = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
+    consumers = _constant_consumers(split.graph.module.graph)
     for node in split.graph.module.graph.nodes:
         if node.op == "output":
             continue
-        if node in split.frozen or (node.op == "get_attr" and _feeds(node, split.frozen)):
+        # The frozen nodes, and the constant chains (parameter -> reshape -> ...) that feed them.
+        if node in split.frozen or consumers.get(node, set()) & split.frozen:
             env[node] = g.node_copy(node, lambda n: env[n])
     g.output(tuple(env[n] for n in split.frontier))
     return _pruned(split.graph.module, g, "FrozenPart")
@@ -283,10 +313,6 @@ def _pruned(root: nn.Module, graph: fx.Graph, name: str) -> fx.GraphModule:
     gm = fx.GraphModule(root, graph, name)
     gm.graph.eliminate_dead_code()
     return fx.GraphModule(root, gm.graph, name)
-
-
-def _feeds(node: fx.Node, nodes: set[fx.Node]) -> bool:
-    return any(u in nodes for u in node.users)
 
 
 class PinnedNet(nn.Module):

@@ -225,7 +225,8 @@ def _build_timm(base: BaseSpec, load_weights: bool) -> Pretrained:
     w = base.weights
     # Built once: with pretrained weights, by timm's own loader; otherwise with random ones.
     pretrained = w.name == "pretrained" and load_weights
-    model = timm_pretrained(base.model) if pretrained else timm.create_model(base.model, pretrained=False)
+    size = _timm_img_size(base)
+    model = timm_pretrained(base.model, size) if pretrained else _timm_create(base.model, False, size)
     preprocess = timm_preprocess(timm.data.resolve_model_data_config(model))
     if w.name == "embedded":
         if base.model != EMBEDDED_ARCH:
@@ -262,12 +263,38 @@ def timm_preprocess(cfg: dict) -> Preprocess:
                       interpolation=str(cfg["interpolation"]), channels=int(channels) if channels == 1 else 3)
 
 
-def timm_pretrained(name: str) -> nn.Module:
+def _timm_img_size(base: BaseSpec) -> Optional[int]:
+    """The `img_size` to build a timm model at: `base.input_size` when it differs from the size
+    the model is registered at. Families with a fixed patch grid (ViT, DeiT, Swin, Mixer, LeViT)
+    fix their position embeddings, windows or attention biases at construction; timm resamples
+    pretrained ones to the new size when it loads them."""
+    if base.input_size is None:
+        return None
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(base.model)
+    default = getattr(cfg, "input_size", None)
+    return None if default and tuple(default[1:]) == (base.input_size, base.input_size) else base.input_size
+
+
+def _timm_create(name: str, pretrained: bool, img_size: Optional[int]) -> nn.Module:
+    """timm.create_model, at `img_size` when the family is built for a size. A family that is
+    not (a CNN) has no such argument and takes any input size as it is built."""
+    import timm
+
+    if img_size is not None:
+        try:
+            return timm.create_model(name, pretrained=pretrained, img_size=img_size)
+        except TypeError as err:
+            if "img_size" not in str(err):
+                raise
+    return timm.create_model(name, pretrained=pretrained)
+
+
+def timm_pretrained(name: str, img_size: Optional[int] = None) -> nn.Module:
     """The model with timm's pretrained weights, through timm's own loader (its per-model
     checkpoint filters included): the hub cache first (HF_HOME, HF_HUB_CACHE), then a
     download from HF_ENDPOINT. Offline, the error names the repo and file to place."""
-    import timm
-
     repo, filename, url = timm_weights_location(name)
     if repo is None and not url:
         raise WeightsError(f"timm has no pretrained weights for {name}; use weights: none or {{file: PATH}}")
@@ -277,7 +304,7 @@ def timm_pretrained(name: str) -> nn.Module:
             raise WeightsError(f"cannot download pretrained weights for timm model {name}: {unreachable}. "
                                + _place_hint(repo, filename))
     try:
-        return timm.create_model(name, pretrained=True).eval()
+        return _timm_create(name, True, img_size).eval()
     except Exception as err:  # noqa: BLE001 - network, hub and file errors all mean "not here"
         where = f"the Hugging Face hub repo {repo}, file {filename}" if repo else url
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
