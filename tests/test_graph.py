@@ -182,7 +182,7 @@ def test_a_parameter_used_through_a_constant_chain_is_frozen_with_its_block_and_
 def test_zoo_subclasses_of_linear_batchnorm_and_dropout_stay_single_layers_that_keep_their_mode():
     model = _LayerScaleNet()
     graph = ModelGraph.trace(model, "tl")
-    assert graph.linear_layers() == ["fc"]  # the head and the probe find a Linear subclass
+    assert graph.classifier_layers() == ["fc"]  # the head and the probe find a Linear subclass
     split = split_at(graph, [graph.resolve("bn")])
     assert {"bn", "conv"} <= set(split.frozen_module_names())
     net = PinnedNet(model, split.frozen_module_names(), split.frozen_attr_names()).train()

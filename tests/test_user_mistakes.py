@@ -207,6 +207,6 @@ def test_a_head_layer_with_layers_after_it_is_an_error_at_its_line_not_a_traceba
     path = write_recipe(tmp_path / "r.yaml", recipe)
     for command in ("validate", "fit"):
         code, out = cli(command, str(path))
-        _one_error(code, out, "head.layer", "not the model's last Linear layer", "name the classifier ('fc2')")
+        _one_error(code, out, "head.layer", "not the model's last classifier layer", "name the classifier ('fc2')")
     code, out = cli("validate", str(path), "head.layer=fc2")
     assert code == 0, out

@@ -24,6 +24,7 @@ from tlcli.config.stages import Stage
 from tlcli.data.pipeline import ImageLoader, decode_threads, jpeg_decoder
 from tlcli.data.sources import DataPlan, require_every_class
 from tlcli.engine import distributed
+from tlcli.engine.device import to_channels_last
 from tlcli.engine.cache import (CACHE_FORMAT, FeatureCache, ShardWriter, build_lock, cache_key, merged_manifest, open_cache,
                                 publish, split_units)
 from tlcli.engine.plan import Plan, make_plan
@@ -49,10 +50,7 @@ class _Extractor:
 
     def __init__(self, module: torch.fx.GraphModule, device: torch.device, dtype: str):
         self.device = device
-        self.channels_last = device.type != "mps"
-        self.module = module.to(device).eval()
-        if self.channels_last:
-            self.module = self.module.to(memory_format=torch.channels_last)
+        self.module = to_channels_last(module.to(device).eval(), device)
         self.store_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from tlcli.data.pipeline import ImageLoader, decode_threads, jpeg_decoder
+from tlcli.engine.device import to_channels_last
 from tlcli.engine.cache import cache_key, open_cache
 from tlcli.engine.features import key_components
 from tlcli.errors import DataError, out_of_memory
@@ -34,9 +35,7 @@ def model_logits(model, pairs, preprocess, batch_size, num_workers, device, repo
     """The full model's logits on (source, label) pairs, batched through the pipeline that
     featurize and fit use: the run's own decode, resize and normalisation. With
     on_bad_image: skip, unreadable files are left out."""
-    model.to(device).eval()
-    if device.type != "mps":
-        model.to(memory_format=torch.channels_last)
+    to_channels_last(model.to(device).eval(), device)
     logits, labels = [], []
     batches = ImageLoader(pairs, preprocess, batch_size, device, decode_threads(num_workers, device),
                           on_bad_image=on_bad_image)

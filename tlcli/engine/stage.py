@@ -24,6 +24,7 @@ from tlcli.config.stages import Stage
 from tlcli.data.pipeline import ImageLoader, augmentation
 from tlcli.engine import distributed
 from tlcli.engine.cache import Batches, CacheRows, FeatureCache, fits_in_memory
+from tlcli.engine.device import to_channels_last
 from tlcli.engine.optim import make_optimizer, make_scheduler
 from tlcli.engine.probe import Probe, lbfgs_epoch, probe_head, standardize
 from tlcli.errors import SpecError
@@ -42,7 +43,7 @@ class StageForward:
         self.extractor = view.extractor() if on_images else None
         self.channels_last = on_images and device.type != "mps"
         if self.channels_last:
-            self.pinned.to(memory_format=torch.channels_last)
+            to_channels_last(self.pinned, device)
         self.ddp: Optional[nn.Module] = None
         self.training = False
 

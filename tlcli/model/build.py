@@ -24,7 +24,7 @@ from tlcli.model.freeze import resolve_split
 from tlcli.model.graph import ModelGraph
 from tlcli.model.network import Network
 from tlcli.model.surgery import Surgeon, add_input_adapter, apply_head
-from tlcli.model.zoo import Pretrained, build_base, model_names
+from tlcli.model.zoo import Pretrained, build_base, model_names, registered_size
 
 Issues = list[tuple[tuple, str]]
 
@@ -61,6 +61,10 @@ def _build(recipe: Recipe, class_names: list[str], weights: bool, seen: tuple) -
     network = Network(graph, preprocess, None, len(class_names), source_classes, recipe.base.describe())
     if recipe.base.checkpoint is None:
         problem = _dry_run(graph, preprocess)
+        registered = registered_size(recipe.base)
+        if problem and recipe.base.input_size and registered and registered != recipe.base.input_size:
+            # A family whose attention biases or grid are fixed at construction, and not by img_size.
+            problem += f"; {recipe.base.model} is built for {registered}x{registered}: leave base.input_size out"
         if problem:
             return network, [(("base", "input_size") if recipe.base.input_size else ("base", "model"), problem)]
     if recipe.input is not None:
@@ -80,14 +84,14 @@ def _head_fits(network: Network) -> list:
     """A head layer with layers after it (head.layer naming fc1 of fc1 -> fc2) now gives one
     output per class, which the next layer does not take: said at head.layer, before any run."""
     graph = network.graph
-    if network.head_layer is None or network.head_layer == graph.linear_layers()[-1]:
+    if network.head_layer is None or network.head_layer == graph.classifier_layers()[-1]:
         return []
     reason = _why_it_does_not_run(graph, network.preprocess)
     if not reason:
         return []
-    return [(("head", "layer"), f"'{network.head_layer}' is not the model's last Linear layer, and with one output "
+    return [(("head", "layer"), f"'{network.head_layer}' is not the model's last classifier layer, and with one output "
                                 f"per class ({network.num_classes}) the layers after it no longer fit ({reason}); "
-                                f"name the classifier ('{graph.linear_layers()[-1]}')")]
+                                f"name the classifier ('{graph.classifier_layers()[-1]}')")]
 
 
 def _dry_run(graph: ModelGraph, preprocess) -> str:

@@ -9,6 +9,8 @@ across the cut, the frontier has more than one tensor.
 
 from __future__ import annotations
 
+import inspect
+import operator
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -71,8 +73,11 @@ class ModelGraph:
         was_training = model.training
         model.eval()
         tracer = _tracer(zoo)
-        graph = tracer.trace(model)
+        options = _optional_inputs(model)
+        graph = tracer.trace(model, concrete_args=options or None)
         model.train(was_training)
+        _inline_options(graph, options)
+        _drop_unused_values(graph)
         module = fx.GraphModule(tracer.root, graph, type(model).__name__)
         names = {}
         for node in module.graph.nodes:
@@ -125,10 +130,33 @@ class ModelGraph:
             return self.module.get_submodule(node.target)
         return None
 
-    def linear_layers(self) -> list[str]:
-        """Names of the modules called as Linear layers, in execution order (the last is the classifier)."""
-        return [n.target for n in self.module.graph.nodes
-                if n.op == "call_module" and isinstance(self.module_of(n), nn.Linear)]
+    def classifier_layers(self) -> list[str]:
+        """Names of the modules that can be a classifier, in execution order (the last is the
+        model's): Linear layers, and 1×1 convolutions, which are how BiT (timm's resnetv2) and
+        SqueezeNet classify."""
+        return [n.target for n in self.module.graph.nodes if n.op == "call_module" and _classifies(self.module_of(n))]
+
+    def final_classifiers(self) -> list[str]:
+        """The classifier layers whose outputs reach the model's output through no other layer
+        with weights: usually one, two for distilled models (LeViT, DeiT-distilled average a
+        class head and a distillation head)."""
+        finals = []
+        for node in self.module.graph.nodes:
+            if node.op != "call_module" or not _classifies(self.module_of(node)):
+                continue
+            seen, stack = set(), list(node.users)
+            while stack:
+                user = stack.pop()
+                if user in seen:
+                    continue
+                seen.add(user)
+                if user.op == "output":
+                    finals.append(node.target)
+                    break
+                module = self.module_of(user)
+                if module is None or not any(True for _ in module.parameters()):
+                    stack.extend(user.users)
+        return finals
 
     def param_count(self, node: fx.Node) -> int:
         m = self.module_of(node)
@@ -138,6 +166,60 @@ class ModelGraph:
             attr = _get_attr(self.module, node.target)
             return attr.numel() if isinstance(attr, torch.Tensor) else 0
         return 0
+
+
+def _optional_inputs(model: nn.Module) -> dict:
+    """The forward's arguments after the image that have defaults (timm's ViT takes
+    `attn_mask=None, is_causal=False`). Traced as proxies, `attn_mask is not None` would be
+    true and trace the wrong branch; tl always calls the model with the image alone, so
+    they are traced at their defaults."""
+    params = list(inspect.signature(model.forward).parameters.values())[1:]
+    keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {p.name: p.default for p in params if p.kind in keyword and p.default is not inspect.Parameter.empty}
+
+
+def _inline_options(graph: fx.Graph, options: dict) -> None:
+    """fx keeps a placeholder for each argument traced at a fixed value, with a check that it
+    still has that value: the checks go and the value is written in where it is used, so the
+    image is the graph's only input (the frozen part and the cache take nothing else)."""
+    images, *extra = [n for n in graph.nodes if n.op == "placeholder"]
+    for node in extra:
+        name = node.target.removesuffix("_1") if node.target not in options else node.target
+        default = options.get(name, node.args[0] if node.args else None)
+        for user in list(node.users):
+            if user.target in (torch._assert, fx._symbolic_trace._assert_is_none) or (
+                    user.target is operator.eq and all(u.target is torch._assert for u in user.users)):
+                for check in [*user.users, user]:
+                    graph.erase_node(check)
+            else:
+                user.args = fx.node.map_arg(user.args, lambda n: default if n is node else n)
+                user.kwargs = fx.node.map_arg(user.kwargs, lambda n: default if n is node else n)
+        graph.erase_node(node)
+
+
+def _drop_unused_values(graph: fx.Graph) -> None:
+    """Unused results of pure steps (`B, N, C = x.shape` with C unused) go: otherwise a frozen
+    node would seem to feed the trainable part through them, and join the cached frontier.
+    In-place methods (`x.mul_(...)`) and modules stay, used or not."""
+    def keep(node: fx.Node) -> bool:
+        if node.op in ("placeholder", "output", "call_module", "get_attr"):
+            return True
+        if node.op == "call_method":
+            return node.target.endswith("_")
+        return node.is_impure() or getattr(node.target, "__name__", "").endswith("_")
+
+    graph.eliminate_dead_code(is_impure_node=keep)
+
+
+def _classifies(module: nn.Module) -> bool:
+    if isinstance(module, nn.Linear):
+        return True
+    return isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.groups == 1
+
+
+def classifier_width(module: nn.Module) -> int:
+    """How many outputs (classes) a classifier layer gives."""
+    return module.out_features if isinstance(module, nn.Linear) else module.out_channels
 
 
 def format_shape(shape) -> str:
@@ -220,7 +302,10 @@ class Split:
         for node in self.graph.module.graph.nodes:
             if node.op == "get_attr":
                 users.setdefault(node.target, set()).update(u in self.frozen or u in self.pinned for u in consumers[node])
-        return [t for t, seen in users.items() if seen == {True}]
+        # Buffers and fx's tensor constants (`_tensor_constant0`) are fetched the same way but
+        # are not trained: only parameters are listed.
+        parameters = dict(self.graph.module.named_parameters())
+        return [t for t, seen in users.items() if seen == {True} and t in parameters]
 
     def frozen_state_names(self, model: nn.Module) -> list[str]:
         """Names in `model`'s state dict (parameters and buffers) that are frozen."""
@@ -258,6 +343,8 @@ def split_at(graph: ModelGraph, boundary: list[fx.Node], trainable: list[fx.Node
     if not boundary or not frozen:
         # Nothing frozen: the frontier is the input itself (end-to-end training).
         frozen = {n for n in graph.module.graph.nodes if n.op == "placeholder"}
+    else:
+        frozen |= _checks_on(graph.module.graph, frozen)
     frontier = [
         n for n in graph.module.graph.nodes
         if n in frozen and any(u not in frozen and u.op != "output" for u in n.users)
@@ -270,6 +357,27 @@ def split_at(graph: ModelGraph, boundary: list[fx.Node], trainable: list[fx.Node
                 if value in frozen and value not in frontier:
                     frontier.append(value)
     return Split(graph, frozen, frontier, pinned)
+
+
+def _checks_on(graph: fx.Graph, frozen: set[fx.Node]) -> set[fx.Node]:
+    """Nodes that lead nowhere but check frozen values (timm's `_assert(H == img_size[0])` on
+    the input): they run with the frozen part. Left to the trainable part, they would make it
+    read the input image, and the image would join the cached frontier."""
+    feeds_output: set[fx.Node] = set()
+    stack = [n for n in graph.nodes if n.op == "output"]
+    while stack:
+        node = stack.pop()
+        if node not in feeds_output:
+            feeds_output.add(node)
+            stack.extend(node.all_input_nodes)
+    dependent = _input_dependent(graph)
+    checks: set[fx.Node] = set()
+    for node in graph.nodes:
+        if node in feeds_output or node in frozen or node not in dependent:
+            continue
+        if all(a in frozen or a in checks or a not in dependent for a in node.all_input_nodes):
+            checks.add(node)
+    return checks
 
 
 def frozen_extractor(split: Split) -> fx.GraphModule:

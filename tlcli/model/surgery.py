@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from tlcli.errors import SpecError, did_you_mean
-from tlcli.model.graph import format_shape
+from tlcli.model.graph import classifier_width, format_shape
 from tlcli.model.layers import ACTIVATIONS, Concat, InputAdapter, Sum, init_layer
 from tlcli.model.preprocess import Preprocess
 from tlcli.config.schema import AddSpec, HeadSpec, InputSpec, NOutReplace, Operation, RemoveSpec
@@ -395,24 +395,38 @@ def apply_head(built: "Network", head: HeadSpec, seed: int, keep_trained: bool) 
     if head.layer == "none":
         return
     graph = built.graph
-    linears = graph.linear_layers()
+    classifiers = graph.classifier_layers()
     if head.layer == "auto":
-        if not linears:
-            raise SpecError([(("head", "layer"), "the model has no Linear layer to use as its classifier; "
-                                                 "name head.layer or use head.layer: none")])
-        layer = linears[-1]
+        if not classifiers:
+            raise SpecError([(("head", "layer"), "the model has no Linear (or 1×1 Conv2d) layer to use as its "
+                                                 "classifier; name head.layer or use head.layer: none")])
+        layer = classifiers[-1]
     else:
         layer = head.layer
-        if layer not in linears:
-            raise SpecError([(("head", "layer"), f"unknown layer '{layer}'{did_you_mean(layer, linears)} (head.layer names a Linear)")])
+        if layer not in classifiers:
+            raise SpecError([(("head", "layer"), f"unknown layer '{layer}'{did_you_mean(layer, classifiers)} "
+                                                 "(head.layer names a Linear or a 1×1 Conv2d)")])
     built.head_layer = layer
+    _fit_classifier(built, layer, head.init, seed, keep_trained)
+    if head.layer == "auto":
+        # Every other classifier whose output is the model's too (a distilled model's second head).
+        others = [n for n in graph.final_classifiers() if n != layer]
+        for i, name in enumerate(others, start=1):
+            _fit_classifier(built, name, head.init, seed + i, keep_trained)
+
+
+def _fit_classifier(built: "Network", layer: str, init: str, seed: int, keep_trained: bool) -> None:
+    graph = built.graph
     old = graph.module.get_submodule(layer)
-    fits = old.out_features == built.num_classes
+    fits = classifier_width(old) == built.num_classes
     # A layer the recipe just added is already fresh; a continued run on the same
     # classes keeps its trained head.
     if fits and (layer in built.added or keep_trained):
         return
-    new = nn.Linear(old.in_features, built.num_classes, bias=old.bias is not None)
-    init_layer(new, head.init, torch.Generator().manual_seed(seed))
+    if isinstance(old, nn.Linear):
+        new = nn.Linear(old.in_features, built.num_classes, bias=old.bias is not None)
+    else:
+        new = nn.Conv2d(old.in_channels, built.num_classes, 1, bias=old.bias is not None)
+    init_layer(new, init, torch.Generator().manual_seed(seed))
     graph.module.add_submodule(layer, new)
     built.added.add(layer)

@@ -263,6 +263,16 @@ def timm_preprocess(cfg: dict) -> Preprocess:
                       interpolation=str(cfg["interpolation"]), channels=int(channels) if channels == 1 else 3)
 
 
+def registered_size(base: BaseSpec) -> Optional[int]:
+    """The input size a timm model is registered at (its pretrained config), when known."""
+    if base.zoo != "timm":
+        return None
+    from timm.models import get_pretrained_cfg
+
+    size = getattr(get_pretrained_cfg(base.model), "input_size", None)
+    return int(size[-1]) if size else None
+
+
 def _timm_img_size(base: BaseSpec) -> Optional[int]:
     """The `img_size` to build a timm model at: `base.input_size` when it differs from the size
     the model is registered at. Families with a fixed patch grid (ViT, DeiT, Swin, Mixer, LeViT)
@@ -270,11 +280,7 @@ def _timm_img_size(base: BaseSpec) -> Optional[int]:
     pretrained ones to the new size when it loads them."""
     if base.input_size is None:
         return None
-    from timm.models import get_pretrained_cfg
-
-    cfg = get_pretrained_cfg(base.model)
-    default = getattr(cfg, "input_size", None)
-    return None if default and tuple(default[1:]) == (base.input_size, base.input_size) else base.input_size
+    return None if registered_size(base) == base.input_size else base.input_size
 
 
 def _timm_create(name: str, pretrained: bool, img_size: Optional[int]) -> nn.Module:
