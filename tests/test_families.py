@@ -102,3 +102,27 @@ def test_distilled_models_get_both_heads_fitted_to_the_classes(tmp_path):
 
     network = build_network(load_recipe(path), [str(i) for i in range(10)], weights=False)
     assert network.model.get_submodule("head.linear").out_features == network.model.get_submodule("head_dist.linear").out_features == 10
+
+
+def test_a_model_fx_cannot_trace_is_refused_at_base_model(tmp_path, monkeypatch):
+    import torch
+
+    from tlcli.model import tiny
+    from tlcli.model.preprocess import Preprocess
+
+    class DataDependent(torch.nn.Module):  # control flow on a value: fx cannot trace it
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(3, 10)
+
+        def forward(self, x):
+            x = x.mean((2, 3))
+            return self.fc(x) if x.sum() > 0 else self.fc(-x)
+
+    small = Preprocess(32, 32, "squash", (0.5,) * 3, (0.5,) * 3, "bilinear")
+    monkeypatch.setitem(tiny.TL_MODELS, "data_dependent", lambda: (DataDependent(), small))
+    recipe = tiny_recipe(tmp_path, base={"model": "data_dependent"}, freeze={"until": "fc"})
+    result = invoke("validate", write_recipe(tmp_path / "r.yaml", recipe))
+    assert result.exit_code == 1, result.output
+    assert "base.model: torch.fx cannot trace data_dependent" in result.output, result.output
+    assert "TraceError" in result.output and "Traceback" not in result.output

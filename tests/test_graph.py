@@ -195,3 +195,35 @@ def test_zoo_subclasses_of_linear_batchnorm_and_dropout_stay_single_layers_that_
     assert torch.equal(model.bn.running_mean, frozen_stats)
     assert not torch.equal(model.bn2.running_mean, trainable_stats)
     assert net.training and not torch.equal(out, trainable_part(split)(*frozen_extractor(split)(x)))
+
+
+class _ViTLikeNet(torch.nn.Module):
+    """What timm's ViT does around its blocks: optional forward arguments with defaults, a
+    check on the input's shape, and a shape unpacked with one part unused."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(4, 4)
+        self.b = torch.nn.Linear(4, 4)
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x, attn_mask=None, is_causal=False):
+        torch._assert(x.shape[-1] == 4, "wrong width")
+        batch, width = x.shape  # width unused
+        x = self.a(x.reshape(batch, -1))
+        if attn_mask is not None:
+            x = x + attn_mask
+        x = self.b(x) if not is_causal else x
+        return self.fc(x)
+
+
+def test_optional_arguments_and_input_checks_stay_out_of_the_cached_frontier():
+    model = _ViTLikeNet().eval()
+    graph = ModelGraph.trace(model, "tl")
+    assert [n.target for n in graph.module.graph.nodes if n.op == "placeholder"] == ["x"]
+    split = split_at(graph, [graph.resolve("a")])
+    # Only the boundary is cached: not the image (read by the check), not None or False.
+    assert split.frontier_names == ["a"]
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(trainable_part(split)(*frozen_extractor(split)(x)), model(x))

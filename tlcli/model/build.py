@@ -56,7 +56,7 @@ def _build(recipe: Recipe, class_names: list[str], weights: bool, seen: tuple) -
         continuing = source_classes == list(class_names)
     else:
         zoo = _from_zoo(recipe, weights)
-        graph = ModelGraph.trace(zoo.model, recipe.base.zoo)
+        graph = _traced(zoo.model, recipe)
         preprocess, source_classes, continuing = zoo.preprocess, zoo.source_classes, False
     network = Network(graph, preprocess, None, len(class_names), source_classes, recipe.base.describe())
     if recipe.base.checkpoint is None:
@@ -92,6 +92,15 @@ def _head_fits(network: Network) -> list:
     return [(("head", "layer"), f"'{network.head_layer}' is not the model's last classifier layer, and with one output "
                                 f"per class ({network.num_classes}) the layers after it no longer fit ({reason}); "
                                 f"name the classifier ('{graph.classifier_layers()[-1]}')")]
+
+
+def _traced(model, recipe: Recipe) -> ModelGraph:
+    try:
+        return ModelGraph.trace(model, recipe.base.zoo)
+    except Exception as err:  # noqa: BLE001 - fx fails as TraceError, TypeError, RuntimeError, ...
+        reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        raise SpecError([(("base", "model"), f"torch.fx cannot trace {recipe.base.model}, and tl freezes and splits "
+                                             f"models by their fx graph ({type(err).__name__}: {reason})")]) from None
 
 
 def _dry_run(graph: ModelGraph, preprocess) -> str:

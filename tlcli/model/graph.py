@@ -77,7 +77,6 @@ class ModelGraph:
         graph = tracer.trace(model, concrete_args=options or None)
         model.train(was_training)
         _inline_options(graph, options)
-        _drop_unused_values(graph)
         module = fx.GraphModule(tracer.root, graph, type(model).__name__)
         names = {}
         for node in module.graph.nodes:
@@ -195,20 +194,6 @@ def _inline_options(graph: fx.Graph, options: dict) -> None:
                 user.args = fx.node.map_arg(user.args, lambda n: default if n is node else n)
                 user.kwargs = fx.node.map_arg(user.kwargs, lambda n: default if n is node else n)
         graph.erase_node(node)
-
-
-def _drop_unused_values(graph: fx.Graph) -> None:
-    """Unused results of pure steps (`B, N, C = x.shape` with C unused) go: otherwise a frozen
-    node would seem to feed the trainable part through them, and join the cached frontier.
-    In-place methods (`x.mul_(...)`) and modules stay, used or not."""
-    def keep(node: fx.Node) -> bool:
-        if node.op in ("placeholder", "output", "call_module", "get_attr"):
-            return True
-        if node.op == "call_method":
-            return node.target.endswith("_")
-        return node.is_impure() or getattr(node.target, "__name__", "").endswith("_")
-
-    graph.eliminate_dead_code(is_impure_node=keep)
 
 
 def _classifies(module: nn.Module) -> bool:
@@ -360,9 +345,10 @@ def split_at(graph: ModelGraph, boundary: list[fx.Node], trainable: list[fx.Node
 
 
 def _checks_on(graph: fx.Graph, frozen: set[fx.Node]) -> set[fx.Node]:
-    """Nodes that lead nowhere but check frozen values (timm's `_assert(H == img_size[0])` on
-    the input): they run with the frozen part. Left to the trainable part, they would make it
-    read the input image, and the image would join the cached frontier."""
+    """Nodes that lead nowhere but check or unpack frozen values (timm's `_assert(H ==
+    img_size[0])` on the input, the unused C of `B, N, C = x.shape`): they run with the
+    frozen part. Left to the trainable part, they would make it read the input image, and the
+    image would join the cached frontier."""
     feeds_output: set[fx.Node] = set()
     stack = [n for n in graph.nodes if n.op == "output"]
     while stack:
