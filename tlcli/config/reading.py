@@ -310,7 +310,8 @@ def anchored(recipe: Recipe, cwd: Optional[Path] = None) -> Recipe:
     def absolute(value: Optional[str]) -> Optional[str]:
         return None if value is None else str((cwd / Path(value).expanduser()).resolve())
 
-    data = recipe.data.model_copy(update={"imagefolder": absolute(recipe.data.imagefolder)})
+    data = recipe.data.model_copy(update={key: absolute(getattr(recipe.data, key))
+                                          for key in ("imagefolder", "csv", "jsonl", "root")})
     base = recipe.base.model_copy(update={"checkpoint": absolute(recipe.base.checkpoint)})
     if base.weights is not None and base.weights.file is not None:
         base = base.model_copy(update={"weights": base.weights.model_copy(update={"file": absolute(base.weights.file)})})

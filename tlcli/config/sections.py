@@ -116,6 +116,18 @@ class DataSpec(Strict):
                                                             description="A bundled data set: digits (scikit-learn's, offline) or flowers (downloaded once).")
     imagefolder: Optional[UserPath] = Field(default=None, min_length=1,
                                             description="A folder with one subfolder of images per class, optionally pre-split into train/ val/ test/.")
+    csv: Optional[UserPath] = Field(default=None, min_length=1,
+                                    description="A CSV table with a header: one row per image, its path and its label (and its split).")
+    jsonl: Optional[UserPath] = Field(default=None, min_length=1,
+                                      description="A JSON Lines table: one object per line, with the same columns as csv.")
+    path_column: str = Field(default="path", min_length=1, max_length=256,
+                             description="The table's column of image paths, relative to root.")
+    label_column: str = Field(default="label", min_length=1, max_length=256,
+                              description="The table's column of class names.")
+    split_column: Optional[str] = Field(default=None, min_length=1, max_length=256,
+                                        description="The table's column of splits (train, val, test); without it, data.split carves them.")
+    root: Optional[UserPath] = Field(default=None, min_length=1,
+                                     description="The folder the table's paths are relative to (default: the table's own folder).")
     # Where `dataset: flowers` downloads from (a mirror; tests use a local server), and the
     # archive's sha256 there; without url, the official archive and its pinned sha256.
     url: Optional[str] = None
@@ -154,8 +166,15 @@ class DataSpec(Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataSpec":
-        if (self.dataset is None) == (self.imagefolder is None):
-            raise ValueError("give exactly one of 'dataset: digits|flowers' or 'imagefolder: PATH'")
+        sources = [k for k in ("dataset", "imagefolder", "csv", "jsonl") if getattr(self, k) is not None]
+        if len(sources) != 1:
+            raise ValueError("give exactly one of 'dataset: digits|flowers', 'imagefolder: PATH', 'csv: PATH' or "
+                             f"'jsonl: PATH'{' (this gives ' + ', '.join(sources) + ')' if sources else ''}")
+        # Compared with the defaults, not model_fields_set: a saved recipe writes every key out.
+        table_keys = [k for k in ("path_column", "label_column", "split_column", "root")
+                      if getattr(self, k) != type(self).model_fields[k].default]
+        if table_keys and not (self.csv or self.jsonl):
+            raise ValueError(f"'{table_keys[0]}' describes a table: it goes with 'csv: PATH' or 'jsonl: PATH'")
         if self.url and self.dataset != "flowers":
             raise ValueError("'url' only applies to 'dataset: flowers'")
         if self.sha256 and not self.url:

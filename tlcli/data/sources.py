@@ -2,7 +2,7 @@
 
 `dataset: digits` is scikit-learn's bundled `load_digits` (offline).
 `imagefolder: PATH` is one folder per class, optionally pre-split into
-train/ val/ test/. `dataset: flowers` downloads TensorFlow's flower_photos
+train/ val/ test/; `csv: PATH` or `jsonl: PATH` a table of paths and labels (`data.table`). `dataset: flowers` downloads TensorFlow's flower_photos
 archive once (`data.download`) and then reads it as an imagefolder. The
 plan's fingerprint hashes every image's bytes, with `data.digests`
 remembering the digests of files that did not change.
@@ -22,7 +22,9 @@ import numpy as np
 from tlcli.config.schema import DataSpec
 from tlcli.data.digests import DigestIndex
 from tlcli.data.download import FLOWERS_SHA256, FLOWERS_URL, download_flowers
+from tlcli.data.table import read_table, table_of
 from tlcli.errors import DataError, SpecError, did_you_mean
+from tlcli.files import file_digest
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SPLITS = ("train", "val", "test")
@@ -40,6 +42,7 @@ class DataPlan:
     root: Optional[Path] = None
     index: Optional[Path] = None  # the digest index's file (beside the feature cache)
     on_disk: tuple[str, ...] = ()  # the splits the folder holds as train/ val/ test/ (none carved)
+    table: Optional[Path] = None  # the CSV or JSON Lines file the rows came from
     _fingerprint: Optional[str] = field(default=None, init=False, repr=False, compare=False)
 
     def fingerprint(self) -> str:
@@ -59,6 +62,8 @@ class DataPlan:
     def _hash(self) -> str:
         h = hashlib.blake2b(digest_size=16)
         h.update(repr((self.kind, self.class_names)).encode())
+        if self.table is not None:
+            h.update(bytes.fromhex(file_digest(self.table)))
         if self.kind == "digits":
             images, _ = digits_arrays()
             h.update(images.tobytes())
@@ -91,6 +96,10 @@ def plan_data(spec: DataSpec, index: Optional[Path] = None) -> DataPlan:
         pairs = [(i, int(t)) for i, t in enumerate(target)]
         pairs, names = _select_classes(spec, pairs, names)
         return DataPlan("digits", names, _split(spec, pairs))
+    if spec.csv or spec.jsonl:
+        plan = plan_table(spec)
+        plan.index = index
+        return plan
     root = Path(spec.imagefolder) if spec.imagefolder else download_flowers(
         spec.url or FLOWERS_URL, spec.sha256 if spec.url else FLOWERS_SHA256)
     plan = plan_imagefolder(spec, root)
@@ -139,6 +148,38 @@ def plan_imagefolder(spec: DataSpec, root: Path) -> DataPlan:
         splits[split] = pairs
     _check_classes(splits["train"], kept, root / "train", loc)
     return DataPlan("files", kept, _carve_missing(spec, splits), root, on_disk=tuple(present))
+
+
+def plan_table(spec: DataSpec) -> DataPlan:
+    """A CSV or JSON Lines table's rows as an image folder's: classes sorted by name, and with
+    a split column the splits it names (train required; a missing val or test carved from
+    train, as for a folder pre-split on disk)."""
+    table, loc = table_of(spec)
+    rows = read_table(spec)
+    root = Path(spec.root) if spec.root else table.parent
+    if spec.split_column is None:
+        names = sorted({r.label for r in rows})
+        pairs, names = _select_classes(spec, _labelled(rows, names), names)
+        _check_classes(pairs, names, table, loc)
+        return DataPlan("files", names, _split(spec, pairs), root, table=table)
+    present = [s for s in SPLITS if any(r.split == s for r in rows)]
+    if "train" not in present:
+        raise SpecError([(("data", "split_column"), f"{table}: no row is in train (its splits: {', '.join(present)})")])
+    names = sorted({r.label for r in rows if r.split == "train"})
+    splits = {}
+    for split in present:
+        extra = sorted({r.label for r in rows if r.split == split} - set(names))
+        if extra:
+            line = next(r.line for r in rows if r.split == split and r.label == extra[0])
+            raise DataError(f"{table}:{line}: class '{extra[0]}' is in {split} but not in train: tl cannot learn it")
+        splits[split], kept = _select_classes(spec, _labelled([r for r in rows if r.split == split], names), names)
+    _check_classes(splits["train"], kept, table, loc)
+    return DataPlan("files", kept, _carve_missing(spec, splits), root, on_disk=tuple(present), table=table)
+
+
+def _labelled(rows: list, names: list[str]) -> list[tuple[Source, int]]:
+    index = {name: i for i, name in enumerate(names)}
+    return [(str(r.path), index[r.label]) for r in rows]
 
 
 def require_every_class(plan: DataPlan, skipped: set[str]) -> None:

@@ -43,8 +43,9 @@ class Plan:
             reporter.info(f"hint: {hint}")
         recipe = self.recipe
         if set(self.data.on_disk) == {"train", "val", "test"} and "split" in recipe.data.model_fields_set:
-            reporter.warn(str(recipe.problem(("data", "split"), f"ignored: {self.data.root} is split on disk into "
-                                                                 "train/, val/ and test/")))
+            where = (f"{self.data.table}'s {recipe.data.split_column} column gives train, val and test"
+                     if self.data.table else f"{self.data.root} is split on disk into train/, val/ and test/")
+            reporter.warn(str(recipe.problem(("data", "split"), f"ignored: {where}")))
         if not self.dist.enabled:
             for key in sorted(recipe.distributed.model_fields_set):
                 reporter.warn(str(recipe.problem(("distributed", key), "ignored: read under torchrun only "
