@@ -145,6 +145,9 @@ class DataSpec(Strict):
     num_workers: Union[Literal["auto"], Annotated[int, Field(ge=0)]] = "auto"
     # A file that cannot be decoded: stop with its name (error), or leave it out and list it in the run (skip).
     on_bad_image: Literal["error", "skip"] = "error"
+    sampler: Literal["shuffle", "balanced"] = Field(
+        default="shuffle", description="How an epoch draws the train rows: each once, shuffled; or balanced, as many "
+                                       "draws with replacement, each class equally likely.")
 
     @field_validator("classes", mode="before")
     @classmethod

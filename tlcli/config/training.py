@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Literal, Optional, Union
 
 from pydantic import Field, create_model, field_validator, model_validator
 
@@ -54,6 +54,15 @@ class FineTuneSpec(Strict):
     dropout: Optional[float] = Field(default=None, ge=0, lt=1)
     # Stop when the monitored validation metric stops improving; keep the best epoch's model.
     early_stopping: Optional[EarlyStoppingSpec] = None
+    class_weights: Union[Literal["balanced"], dict[str, Annotated[float, Field(gt=0, le=1e6)]], None] = Field(
+        default=None, description="Weights of the classes in the training loss: balanced (n / (classes * n_class), "
+                                  "from the train split) or {class: weight} (unlisted classes weigh 1).")
+
+    @field_validator("class_weights", mode="before")
+    @classmethod
+    def _class_names(cls, value):
+        # YAML reads `{0: 2.0}` with an int key; class names are strings (the folder's, the table's).
+        return {str(k): v for k, v in value.items()} if isinstance(value, dict) else value
 
     @field_validator("layer_lr")
     @classmethod

@@ -291,6 +291,42 @@ class CacheRows:
             frontier = [torch.cat([p[0][i] for p in parts]).to(device) for i in range(len(parts[0][0]))]
             self.memory = (frontier, torch.cat([p[1] for p in parts]).to(device))
 
+    def labels(self) -> list[torch.Tensor]:
+        """Each shard's labels (read once from disk when the rows are not held in memory)."""
+        if self.memory is not None:
+            return [self.memory[1][o : o + n].cpu() for o, n in zip(self.offsets, self.rows)]
+        if not hasattr(self, "_labels"):
+            self._labels = [self.cache.read_shard(name)[1] for name in self.names]
+        return self._labels
+
+    def balanced_batches(self, batch_size: int, generator: torch.Generator) -> Batches:
+        """As many rows as the split holds, drawn with replacement so that every class is
+        equally likely (`data.sampler: balanced`). The draws are grouped by shard (shards in
+        a random order), so one shard is in memory at a time, and cut into batches across
+        shard boundaries: ceil(rows / batch_size) batches, as `balanced_steps` says."""
+        labels = torch.cat(self.labels())
+        drawn = torch.multinomial(class_balanced(labels), len(labels), replacement=True, generator=generator)
+        shard_of = torch.bucketize(drawn, torch.tensor(self.offsets[1:]), right=True)
+        pending: list[tuple[list[torch.Tensor], torch.Tensor]] = []
+        waiting = 0
+        for i in torch.randperm(len(self.names), generator=generator).tolist():
+            local = drawn[shard_of == i] - self.offsets[i]
+            if not len(local):
+                continue
+            if self.memory is not None:
+                frontier, shard_labels = self.memory
+                local = local + self.offsets[i]
+            else:
+                frontier, shard_labels = self.cache.read_shard(self.names[i])
+            local = local.to(shard_labels.device)
+            pending.append(([f[local] for f in frontier], shard_labels[local]))
+            waiting += len(local)
+            while waiting >= batch_size:
+                batch, pending, waiting = _take(pending, batch_size)
+                yield batch
+        if waiting:
+            yield _take(pending, waiting)[0]
+
     def batches(self, batch_size: int, generator: Optional[torch.Generator]) -> Batches:
         order = torch.randperm(len(self.names), generator=generator).tolist() if generator else range(len(self.names))
         for i in order:
@@ -305,6 +341,30 @@ class CacheRows:
             for start in range(0, len(rows), batch_size):
                 idx = rows[start : start + batch_size]
                 yield [f[idx] for f in frontier], labels[idx]
+
+
+def class_balanced(labels: torch.Tensor) -> torch.Tensor:
+    """Per-row sampling weights that make every class present equally likely: 1 / its count."""
+    counts = torch.bincount(labels)
+    return 1.0 / counts[labels].double()
+
+
+def _take(pending: list, n: int) -> tuple:
+    """The first n rows of the pending pieces as one batch; the rest stay pending."""
+    frontiers, labels, taken, rest = [], [], 0, []
+    for i, (frontier, piece_labels) in enumerate(pending):
+        room = n - taken
+        if room <= 0:
+            rest.append((frontier, piece_labels))
+            continue
+        head = min(room, len(piece_labels))
+        frontiers.append([f[:head] for f in frontier])
+        labels.append(piece_labels[:head])
+        taken += head
+        if head < len(piece_labels):
+            rest.append(([f[head:] for f in frontier], piece_labels[head:]))
+    batch = ([torch.cat([f[j] for f in frontiers]) for j in range(len(frontiers[0]))], torch.cat(labels))
+    return batch, rest, sum(len(p[1]) for p in rest)
 
 
 def cached_batches(cache: FeatureCache, split: str, batch_size: int, generator: torch.Generator | None) -> Batches:

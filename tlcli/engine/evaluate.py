@@ -136,5 +136,8 @@ def score(logits: np.ndarray, y: np.ndarray, class_names: list[str]) -> dict:
             for i, name in enumerate(class_names)
         },
         "macro_f1": float(f.mean()),
+        # The mean recall over the classes the split holds (scikit-learn's balanced_accuracy_score):
+        # what accuracy would be if every class were as common.
+        "balanced_accuracy": float(r[s > 0].mean()) if (s > 0).any() else 0.0,
         "confusion_matrix": confusion_matrix(y, pred, labels=labels).tolist(),
     }

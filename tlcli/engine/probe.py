@@ -69,13 +69,14 @@ def standardize(train: list[torch.Tensor], others: list[list[torch.Tensor]]) -> 
 
 
 def lbfgs_epoch(model, inputs: list[torch.Tensor], labels: torch.Tensor, optimizer: torch.optim.LBFGS,
-                l2: float, weights: list[torch.Tensor]) -> dict:
-    """One L-BFGS step (up to 20 iterations) on the whole train split; then its loss and accuracy."""
+                l2: float, weights: list[torch.Tensor], class_weight: Optional[torch.Tensor] = None) -> dict:
+    """One L-BFGS step (up to 20 iterations) on the whole train split; then its loss and accuracy.
+    `class_weight`: per-class weights of the loss (fine_tune.class_weights)."""
     model.train(True)
 
     def closure():
         optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(inputs), labels) + 0.5 * l2 * sum(w.pow(2).sum() for w in weights)
+        loss = F.cross_entropy(model(inputs), labels, weight=class_weight) + 0.5 * l2 * sum(w.pow(2).sum() for w in weights)
         loss.backward()
         return loss
 
@@ -83,7 +84,7 @@ def lbfgs_epoch(model, inputs: list[torch.Tensor], labels: torch.Tensor, optimiz
     model.train(False)
     with torch.no_grad():
         logits = model(inputs)
-        loss = F.cross_entropy(logits, labels).item()
+        loss = F.cross_entropy(logits, labels, weight=class_weight).item()
         correct = (logits.argmax(1) == labels).sum().item()
     return {"loss": loss, "acc": correct / max(len(labels), 1), "n": len(labels)}
 

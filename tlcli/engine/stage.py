@@ -23,7 +23,7 @@ from tlcli.config.schema import DistributedSpec, FineTuneSpec
 from tlcli.config.stages import Stage
 from tlcli.data.pipeline import ImageLoader, augmentation
 from tlcli.engine import distributed
-from tlcli.engine.cache import Batches, CacheRows, FeatureCache, fits_in_memory
+from tlcli.engine.cache import Batches, CacheRows, FeatureCache, class_balanced, fits_in_memory
 from tlcli.engine.device import to_channels_last
 from tlcli.engine.optim import make_optimizer, make_scheduler
 from tlcli.engine.probe import Probe, lbfgs_epoch, probe_head, standardize
@@ -103,14 +103,20 @@ def use_sync_batchnorm(net: nn.Module, trainable: nn.Module, frozen_modules: lis
 class CacheBatches:
     """A cache stage's batches: rows of the cache, held on the device when they fit."""
 
-    def __init__(self, cache: FeatureCache, device: torch.device, batch: int, memory_mib: int):
+    def __init__(self, cache: FeatureCache, device: torch.device, batch: int, memory_mib: int, balanced: bool = False):
         memory = device if fits_in_memory(cache, memory_mib) else None
         self.train_rows, self.val_rows = CacheRows(cache, "train", memory), CacheRows(cache, "val", memory)
-        self.batch = batch
-        self.steps = sum(math.ceil(rows / batch) for rows in cache.shard_rows("train"))
+        self.batch, self.balanced = batch, balanced
+        self.steps = (math.ceil(cache.count("train") / batch) if balanced
+                      else sum(math.ceil(rows / batch) for rows in cache.shard_rows("train")))
 
     def train(self, generator: torch.Generator) -> Batches:
+        if self.balanced:
+            return self.train_rows.balanced_batches(self.batch, generator)
         return self.train_rows.batches(self.batch, generator)
+
+    def train_labels(self) -> torch.Tensor:
+        return torch.cat(self.train_rows.labels()) if self.train_rows.names else torch.zeros(0, dtype=torch.int64)
 
     def val(self) -> Batches:
         return self.val_rows.batches(1024, None)
@@ -120,8 +126,8 @@ class ImageBatches:
     """An image stage's batches, decoded each epoch; under torchrun, this rank's share."""
 
     def __init__(self, view: Network, splits: dict, stage: Stage, device: torch.device, threads: int, batch: int,
-                 val_batch: int, on_bad_image: str, skipped: set[str]):
-        self.view, self.splits, self.device, self.threads = view, splits, device, threads
+                 val_batch: int, on_bad_image: str, skipped: set[str], balanced: bool = False):
+        self.view, self.splits, self.device, self.threads, self.balanced = view, splits, device, threads, balanced
         self.augment = augmentation(stage.augment, view.preprocess) if stage.augment is not None else None
         self.batch, self.val_batch, self.on_bad_image, self.skipped = batch, val_batch, on_bad_image, skipped
         dist = distributed.current()
@@ -129,7 +135,7 @@ class ImageBatches:
         self.steps = math.ceil(math.ceil(len(splits["train"]) / self.world) / batch)
 
     def train(self, generator: torch.Generator) -> Batches:
-        order = rank_share(torch.randperm(len(self.splits["train"]), generator=generator).tolist(), self.rank, self.world)
+        order = self.epoch_order(generator)
         return self._noting_skips(ImageLoader(self.splits["train"], self.view.preprocess, self.batch, self.device,
                                               self.threads, self.augment, order, on_bad_image=self.on_bad_image))
 
@@ -138,6 +144,19 @@ class ImageBatches:
         pairs = self.splits.get("val", [])[self.rank :: self.world]
         return self._noting_skips(ImageLoader(pairs, self.view.preprocess, self.val_batch, self.device, self.threads,
                                               on_bad_image=self.on_bad_image))
+
+    def epoch_order(self, generator: torch.Generator) -> list[int]:
+        """This rank's train rows for an epoch: each once, shuffled; or, balanced, as many draws
+        with replacement with every class equally likely."""
+        rows = len(self.splits["train"])
+        if self.balanced:
+            drawn = torch.multinomial(class_balanced(self.train_labels()), rows, replacement=True, generator=generator)
+        else:
+            drawn = torch.randperm(rows, generator=generator)
+        return rank_share(drawn.tolist(), self.rank, self.world)
+
+    def train_labels(self) -> torch.Tensor:
+        return torch.tensor([label for _, label in self.splits["train"]], dtype=torch.int64)
 
     def _noting_skips(self, loader: ImageLoader) -> Iterator:
         for x, y in loader:
@@ -190,6 +209,7 @@ class StageSetup:
     sharded: bool = False  # under torchrun, an image stage: each rank trains on its share of the batches
     # fine_tune keys this stage's network gives nothing to act on, with why (told as warnings).
     unused: dict[str, str] = field(default_factory=dict)
+    class_weight: Optional[torch.Tensor] = None  # the training loss's per-class weights, on the device
 
     @property
     def trainable_params(self) -> int:
@@ -199,11 +219,11 @@ class StageSetup:
         """One full-batch L-BFGS step of the probe fit on the in-memory train rows."""
         inputs, labels = self.batches.train_rows.memory
         head = self.view.model.get_submodule(self.probe.head)
-        return lbfgs_epoch(self.forward, inputs, labels, optimizer, l2, [head.weight])
+        return lbfgs_epoch(self.forward, inputs, labels, optimizer, l2, [head.weight], self.class_weight)
 
 
 def set_up(view: Network, stage: Stage, device: torch.device, batches, cache: Optional[FeatureCache],
-           dist_spec: DistributedSpec, has_val: bool) -> StageSetup:
+           dist_spec: DistributedSpec, has_val: bool, class_names: list[str]) -> StageSetup:
     """The stage's forward, parameters, optimizer (auto resolved) and schedule over `batches`."""
     ft = stage.fine_tune
     on_images = stage.input == "images"
@@ -223,8 +243,29 @@ def set_up(view: Network, stage: Stage, device: torch.device, batches, cache: Op
     ft = ft.model_copy(update={"optimizer": "lbfgs" if probe else resolve_optimizer(stage, None)})
     optimizer = make_optimizer(ft, params, {**view.layer_lr, **ft.layer_lr})
     scheduler = make_scheduler(ft, optimizer, 1 if probe else max(batches.steps, 1))
+    weight = loss_weights(stage.fine_tune.class_weights, class_names, batches.train_labels())
+    if probe is not None and getattr(batches, "balanced", False) and weight is None:
+        # Full-batch L-BFGS sees every row at every step: nothing to sample. Weighing the classes
+        # by 1 / count is the same objective, in expectation, as sampling them equally.
+        weight = loss_weights("balanced", class_names, batches.train_labels())
+        unused["sampler"] = "the L-BFGS head fit uses every row each step; it weighs the classes instead"
     return StageSetup(stage, ft, view, forward, params, optimizer, scheduler, batches, has_val, cache, probe, sharded,
-                      unused)
+                      unused, None if weight is None else weight.to(device))
+
+
+def loss_weights(spec, class_names: list[str], train_labels: torch.Tensor) -> Optional[torch.Tensor]:
+    """fine_tune.class_weights as a tensor: balanced is scikit-learn's n / (classes * n_class)
+    over the train split (a class with no train row weighs 1); {class: weight} leaves the
+    unlisted classes at 1."""
+    if spec is None:
+        return None
+    k = len(class_names)
+    if spec == "balanced":
+        counts = torch.bincount(train_labels, minlength=k).double()
+        weights = torch.where(counts > 0, len(train_labels) / (k * counts.clamp(min=1)), torch.ones_like(counts))
+    else:
+        weights = torch.tensor([float(spec.get(name, 1.0)) for name in class_names], dtype=torch.float64)
+    return weights.float()
 
 
 def _probe_for(stage: Stage, trainable: torch.fx.GraphModule, cache: FeatureCache, batches: CacheBatches) -> Optional[Probe]:

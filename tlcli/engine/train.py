@@ -141,7 +141,7 @@ def _epoch(ctx: FitContext, setup: StageSetup, epoch: int) -> dict:
     else:
         batches = setup.batches.train(torch.Generator().manual_seed(seed))
         train = train_epoch(setup.forward, batches, ctx.plan.device, setup.optimizer, setup.scheduler, setup.ft,
-                            over_ranks=setup.sharded)
+                            over_ranks=setup.sharded, class_weight=setup.class_weight)
     if setup.stage.input == "images" and ctx.plan.recipe.data.on_bad_image == "skip":
         # A class whose every train image was skipped would train a head that never saw it.
         require_every_class(ctx.plan.data, set().union(*distributed.gather(sorted(ctx.skipped), "gathering skipped images")))
@@ -153,8 +153,10 @@ def _epoch(ctx: FitContext, setup: StageSetup, epoch: int) -> dict:
     return row
 
 
-def train_epoch(forward, batches: Batches, device, optimizer, scheduler, ft: FineTuneSpec, over_ranks: bool = False) -> dict:
-    """The training steps of one epoch: forward, loss, backward, (clip,) step, schedule."""
+def train_epoch(forward, batches: Batches, device, optimizer, scheduler, ft: FineTuneSpec, over_ranks: bool = False,
+                class_weight: Optional[torch.Tensor] = None) -> dict:
+    """The training steps of one epoch: forward, loss (weighted per class when asked), backward,
+    (clip,) step, schedule."""
     clipped = [p for g in optimizer.param_groups for p in g["params"]] if ft.grad_clip else []
     forward.train(True)
     total = _Totals(device)
@@ -162,7 +164,7 @@ def train_epoch(forward, batches: Batches, device, optimizer, scheduler, ft: Fin
         inputs = [f.to(device, non_blocking=True) for f in inputs]
         labels = labels.to(device, non_blocking=True)
         logits = forward(inputs)
-        loss = F.cross_entropy(logits, labels, label_smoothing=ft.label_smoothing)
+        loss = F.cross_entropy(logits, labels, weight=class_weight, label_smoothing=ft.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if ft.grad_clip:
@@ -223,15 +225,18 @@ def _set_up_stage(ctx: FitContext, stage: Stage) -> StageSetup:
     if stage.input == "images":
         batch = rank_batch_size(stage, plan.recipe.distributed, plan.dist.world)
         batches = ImageBatches(view, plan.data.splits, stage, plan.device, decode_threads(spec.num_workers, plan.device),
-                               batch, spec.batch_size, spec.on_bad_image, ctx.skipped)
-        return _told_unused(ctx, set_up(view, stage, plan.device, batches, None, plan.recipe.distributed, has_val))
+                               batch, spec.batch_size, spec.on_bad_image, ctx.skipped, balanced=spec.sampler == "balanced")
+        return _told_unused(ctx, set_up(view, stage, plan.device, batches, None, plan.recipe.distributed, has_val,
+                                           plan.data.class_names))
     cache = featurize(view, plan.data, plan.device, plan.recipe.cache, spec, ctx.reporter,
                       splits=splits_read_by(stage, plan.stages))
     ctx.skipped.update(cache.skipped)
     # Held until the fit ends: `featurize --force` must not swap the cache out from under it.
     ctx.locks.enter_context(file_lock(read_lock(cache.path), shared=True))
-    batches = CacheBatches(cache, plan.device, stage.fine_tune.batch_size, plan.recipe.cache.memory_mib)
-    return _told_unused(ctx, set_up(view, stage, plan.device, batches, cache, plan.recipe.distributed, has_val))
+    batches = CacheBatches(cache, plan.device, stage.fine_tune.batch_size, plan.recipe.cache.memory_mib,
+                           balanced=spec.sampler == "balanced")
+    return _told_unused(ctx, set_up(view, stage, plan.device, batches, cache, plan.recipe.distributed, has_val,
+                                       plan.data.class_names))
 
 
 def _told_unused(ctx: FitContext, setup: StageSetup) -> StageSetup:
@@ -241,7 +246,10 @@ def _told_unused(ctx: FitContext, setup: StageSetup) -> StageSetup:
     recipe, stage = ctx.plan.recipe, setup.stage
     warnings = ignored_by_optimizer(recipe, stage, setup.ft.optimizer) if stage.fine_tune.optimizer == "auto" else []
     for key, why in setup.unused.items():
-        warnings += ignored_keys(recipe, stage, (key,), why)
+        if key == "sampler":  # a data key, read in another way rather than ignored
+            warnings.append(recipe.problem(("data", "sampler"), f"balanced: {why}"))
+        else:
+            warnings += ignored_keys(recipe, stage, (key,), why)
     for warning in dict.fromkeys(map(str, warnings)) if ctx.plan.dist.main else ():
         ctx.reporter.warn(warning)
     return setup

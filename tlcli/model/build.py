@@ -45,6 +45,7 @@ def build_network(recipe: Recipe, class_names: list[str], stage: Optional[Stage]
             except SpecError as err:
                 issues.extend(err.issues)
             issues.extend(_check_layer_lr(network, recipe, s))
+            issues.extend(_check_class_weights(s, class_names))
         if issues:
             raise SpecError(issues)
     return network.for_stage(stage or stages[0])
@@ -153,6 +154,15 @@ def _from_run(recipe: Recipe, weights: bool, seen: tuple) -> tuple[ModelGraph, o
     if weights:
         parent.model.load_state_dict(run.weights(), strict=True)
     return parent.graph, parent.preprocess, meta.class_names
+
+
+def _check_class_weights(stage: Stage, class_names: list[str]) -> Issues:
+    weights = stage.fine_tune.class_weights
+    if not isinstance(weights, dict):
+        return []
+    return [(stage.fine_tune_loc("class_weights", name), f"unknown class '{name}'{did_you_mean(name, class_names)} "
+                                                         f"(classes: {', '.join(class_names)})")
+            for name in weights if name not in class_names]
 
 
 def _check_something_trains(network: Network, stage: Stage) -> Issues:

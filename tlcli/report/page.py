@@ -54,7 +54,8 @@ def write_report(path: Path, run: RunDir, metrics: dict, losses: list[dict], eva
     recipe = (run / RECIPE).read_text(encoding="utf-8") if (run / RECIPE).is_file() else ""
     title = f"tl report: {run.path.resolve().name}"
     headline = "".join(f"<div>{label}<b>{metrics[key]:.4f}</b></div>"
-                       for key, label in (("accuracy", "accuracy"), ("top5", "top-5"), ("macro_f1", "macro F1")))
+                       for key, label in (("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"), ("top5", "top-5"),
+                                          ("macro_f1", "macro F1")))
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{STYLE}</style></head>
 <body>
