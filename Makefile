@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.tl-installed
 # local wheel store, and an unpinned torchvision can pull a mismatched torch.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-fast docs bench head-probe keras-blog two-stage clean install
+.PHONY: demo test test-fast docs bench head-probe imbalance keras-blog two-stage clean install
 
 install: $(STAMP)
 
@@ -42,6 +42,9 @@ bench: $(STAMP)
 
 head-probe: $(STAMP)
 	$(PY) benchmarks/head_probe.py
+
+imbalance: $(STAMP)
+	$(PY) benchmarks/imbalance.py
 
 keras-blog: $(STAMP)
 	$(PY) benchmarks/keras_blog.py
