@@ -231,6 +231,8 @@ def fit(
     resume: Annotated[bool, typer.Option("--resume", metavar=FLAG, help="Continue an interrupted run from its last epoch.")] = False,
     nproc: Annotated[int, typer.Option("--nproc", min=1, help="Run under torchrun with this many processes on this machine "
                                        "(one per GPU; gloo on the CPU).")] = 1,
+    tracking: Annotated[Optional[str], typer.Option("--tracking", help="Also log to these trackers: tensorboard, mlflow, "
+                                                    "csv, comma-separated (the override tracking.to=[...]).")] = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -244,6 +246,8 @@ def fit(
         from tlcli.run.rundir import remember_last_run
         from tlcli.engine.train import fit as run_fit
 
+        if tracking is not None:
+            overrides = [*(overrides or []), f"tracking.to=[{tracking}]"]
         result = run_fit(_load(recipe, overrides, out), out.reporter(), force=force, resume=resume)
     if out.dist.main:
         try:

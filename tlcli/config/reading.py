@@ -236,7 +236,7 @@ def _literal_choices(loc: tuple) -> list[str]:
     def walk(a: Any) -> None:
         if typing.get_origin(a) is Literal:
             found.extend(str(x) for x in typing.get_args(a))
-        elif typing.get_origin(a) in (Union, types.UnionType):
+        elif typing.get_origin(a) in (Union, types.UnionType, list):  # a list's items: `tracking.to.1`
             for arg in typing.get_args(a):
                 walk(arg)
 

@@ -17,7 +17,7 @@ from tlcli.config.sections import (AddSpec, BaseSpec, DataSpec, FreezeSpec, Head
                                    RemoveSpec, SplitSpec, WeightsSpec)
 from tlcli.config.source import RecipeSource
 from tlcli.config.training import (AugmentSpec, CacheSpec, CropSpec, DistributedSpec, EarlyStoppingSpec, FineTuneOverride,
-                                   FineTuneSpec, JitterSpec, StageSpec)
+                                   FineTuneSpec, JitterSpec, StageSpec, TrackingSpec)
 from tlcli.errors import Problem, RecipeError, SpecError
 
 __all__ = ["Recipe", "AddSpec", "AugmentSpec", "BaseSpec", "CacheSpec", "CropSpec", "DataSpec", "DistributedSpec",
@@ -46,6 +46,8 @@ class Recipe(Strict):
     cache: CacheSpec = Field(default=CacheSpec(), description="Where and how the frozen part's outputs are cached.")
     distributed: DistributedSpec = Field(default=DistributedSpec(),
                                          description="How the run splits its work under torchrun.")
+    tracking: TrackingSpec = Field(default=TrackingSpec(),
+                                   description="Experiment trackers each fit logs to: tensorboard, mlflow, csv.")
     device: str = Field(default="auto", description="auto (CUDA when present, else the CPU), cpu, cuda, cuda:N or mps.")
     output_dir: UserPath = Field(
                                  description="The run directory: tl writes only into an empty or new directory, or one that carries its marker.")

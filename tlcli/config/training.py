@@ -175,3 +175,33 @@ class DistributedSpec(Strict):
     sync_batchnorm: bool = False
     # How long a rank waits in a collective for the others before giving up.
     timeout_s: int = Field(default=300, ge=10, le=86_400)
+
+
+TRACKERS = ("tensorboard", "mlflow", "csv")
+
+
+class TrackingSpec(Strict):
+    """Experiment trackers a fit logs to, beside metrics.jsonl and curves.png."""
+
+    to: list[Literal["tensorboard", "mlflow", "csv"]] = Field(
+        default=[], description="tensorboard (event files in RUN/tensorboard), mlflow (one MLflow run per fit), "
+                                "csv (RUN/metrics.csv); several at once.")
+    mlflow_uri: Optional[str] = Field(default=None, min_length=1, max_length=4096,
+                                      description="The MLflow tracking URI; default MLFLOW_TRACKING_URI, else "
+                                                  "sqlite:///mlflow.db in the directory tl runs from (MLflow's own default).")
+    experiment: str = Field(default="tl", min_length=1, max_length=256, description="The MLflow experiment's name.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value):
+        # `tracking: tensorboard` and `tracking: [tensorboard, csv]` say `to:` alone.
+        if isinstance(value, str):
+            return {"to": [value]}
+        if isinstance(value, list):
+            return {"to": value}
+        return value
+
+    @field_validator("to")
+    @classmethod
+    def _once_each(cls, value: list[str]) -> list[str]:
+        return list(dict.fromkeys(value))

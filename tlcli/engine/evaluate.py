@@ -27,6 +27,7 @@ from tlcli.report.page import write_report
 from tlcli.report.plots import plot_confusion, plot_top_losses
 from tlcli.run.checkpoint import Run, load_run
 from tlcli.run.rundir import EVAL_CONFUSION, EVAL_CONFUSION_PLOT, EVAL_METRICS, EVAL_REPORT, EVAL_TOP_LOSSES
+from tlcli.run.tracking import log_evaluation
 
 
 @dataclass
@@ -54,6 +55,8 @@ def evaluate(target: Optional[Path], reporter: Reporter = Reporter(), device_spe
     metrics = {**score(scored.logits, scored.labels, run.class_names), "scored_from": source,
                "data": str(Path(data).resolve()) if data is not None else "test split"}
     written = _write_eval(out, metrics, scored, run)
+    if run.recipe.tracking.to:
+        log_evaluation(run.dir.path, run.recipe.tracking, metrics, out)
     return EvalResult(run.dir.path, out, metrics, warnings, source, written)
 
 

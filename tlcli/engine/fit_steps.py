@@ -27,6 +27,7 @@ from tlcli.progress import Reporter
 from tlcli.run.checkpoint import save_checkpoint
 from tlcli.run.records import CheckpointMeta, ResumeState, StageSummary
 from tlcli.run.rundir import RunDir
+from tlcli.run.tracking import Trackers
 
 
 class FitHooks:
@@ -48,6 +49,7 @@ class FitContext:
     reporter: Reporter
     hooks: FitHooks
     skipped: set[str] = field(default_factory=set)  # undecodable files left out (data.on_bad_image: skip)
+    trackers: Optional[Trackers] = None  # tracking.to's trackers (the process that writes the run only)
     locks: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)  # released when the fit ends
     # State-dict names some stage trains: resume files hold only these. The rest
     # is rebuilt from the recipe and pinned by `frozen_hash`.

@@ -15,6 +15,7 @@ from tlcli.engine.device import resolve_device
 from tlcli.errors import TLError
 from tlcli.model.build import build_network
 from tlcli.model.graph import format_shape
+from tlcli.run.tracking import require_trackers
 
 
 def validate_recipe(recipe: Union[Recipe, Path]) -> None:
@@ -23,6 +24,7 @@ def validate_recipe(recipe: Union[Recipe, Path]) -> None:
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     with recipe.located():
         resolve_device(recipe.device)
+        require_trackers(recipe)
         names = class_names_for(recipe.data)
     build_network(recipe, names, weights=False)
 

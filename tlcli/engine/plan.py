@@ -22,6 +22,7 @@ from tlcli.engine.device import make_deterministic, resolve_device
 from tlcli.model.build import build_network
 from tlcli.model.network import Network
 from tlcli.progress import Reporter
+from tlcli.run.tracking import require_trackers
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,7 @@ def make_plan(recipe: Recipe) -> Plan:
     torchrun), the data, then the network with its stages. Raises the recipe's located errors."""
     with recipe.located():
         device = resolve_device(recipe.device)
+        require_trackers(recipe)
     make_deterministic(device)
     dist = distributed.init(device, recipe.distributed.timeout_s)
     with recipe.located():

@@ -39,6 +39,7 @@ from tlcli.progress import Reporter
 from tlcli.report.plots import plot_curves
 from tlcli.run.records import StageSummary
 from tlcli.run.rundir import CURVES, RunDir
+from tlcli.run.tracking import Trackers
 
 __all__ = ["FitHooks", "FitResult", "fit", "train_epoch", "evaluate_epoch"]
 
@@ -80,6 +81,8 @@ def fit(recipe: Recipe, reporter: Reporter = Reporter(), force: bool = False, re
         else:
             restore_model(ctx, state)
             reporter.info(f"resuming {run} at stage {state.stage + 1}, after epoch {state.epoch}")
+        if recipe.tracking.to and plan.dist.main:
+            ctx.trackers = Trackers(recipe, run.path, recipe_text, state.rows if state else None)
         with recipe.located(), ctx.locks:
             summaries, last_row, cache_key = _train_stages(ctx, state)
         return _finish(ctx, summaries, last_row, cache_key, time.perf_counter() - started)
@@ -119,6 +122,8 @@ def _train_stages(ctx: FitContext, state) -> tuple[list[StageSummary], dict, Opt
                     last_row = _epoch(ctx, setup, epoch)
                     ctx.run.log_epoch(last_row, time.perf_counter() - started)
                     rows, epochs_run = rows + 1, epoch
+                    if ctx.trackers is not None:
+                        ctx.trackers.log_epoch(last_row, rows, ctx.run.metrics())
                     stopper.update(last_row, epoch)
                     save_epoch(ctx, setup, stopper, epoch, rows, summaries)
                     task.advance(1, status=_status(last_row, stopper))
@@ -303,6 +308,8 @@ def _finish(ctx: FitContext, summaries: list[StageSummary], last_row: dict, cach
     rows = ctx.run.metrics() if ctx.run.writer else []
     if rows:
         ctx.run.write_picture(CURVES, lambda path: plot_curves(rows, path))
+    if ctx.trackers is not None:
+        ctx.trackers.finish()
     final, best_kept = _kept_row(rows, summaries[-1], last_row)
     return FitResult(ctx.run.path, sum(s.epochs_run for s in summaries), final, cache_key, seconds, summaries,
                      sorted(ctx.skipped), best_kept)

@@ -53,12 +53,16 @@ EVAL_CONFUSION = "confusion_matrix.json"
 EVAL_CONFUSION_PLOT = "confusion_matrix.png"
 EVAL_TOP_LOSSES = "top_losses.png"
 EVAL_REPORT = "report.html"
+# Experiment trackers' files in the run (run/tracking.py): TensorBoard's events, the CSV, the MLflow run's id.
+TENSORBOARD = "tensorboard"
+METRICS_CSV = "metrics.csv"
+TRACKING = "tracking.json"
 # `tl export` without -o writes into the run; the run owns these names, so `fit --force` removes them.
 EXPORTS = {"onnx": "model.onnx", "torchscript": "model.pt"}
 # In the working directory: which run the last `tl fit` here finished, for a bare `tl evaluate`.
 LAST_RUN = Path(".tl") / "last-run.json"
 # What `fit --force` may delete: only what tl itself writes into a run directory.
-OWNED = (MARKER, RECIPE, METRICS, TIMINGS, CURVES, WEIGHTS, CHECKPOINT, RESUME, EVAL,
+OWNED = (MARKER, RECIPE, METRICS, TIMINGS, CURVES, WEIGHTS, CHECKPOINT, RESUME, EVAL, TENSORBOARD, METRICS_CSV, TRACKING,
          *EXPORTS.values(), *(f"{name}.json" for name in EXPORTS.values()))
 DAMAGED = "fit again with --force"
 
