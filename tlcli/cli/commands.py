@@ -105,13 +105,9 @@ def _split_args(args: Optional[list[str]]) -> tuple[list[str], tuple[str, ...]]:
 
 
 def _load(recipe: Path, overrides: Optional[list[str]], out: Out):
-    from tlcli.config.reading import load_recipe
-    from tlcli.config.stages import recipe_warnings
+    from tlcli import api
 
-    loaded = load_recipe(recipe, _checked_overrides(overrides))
-    for warning in recipe_warnings(loaded):
-        out.warn(warning)
-    return loaded
+    return api.load(recipe, _checked_overrides(overrides), reporter=out)  # its warnings through Out.warn
 
 
 def _checked_overrides(overrides: Optional[list[str]]) -> tuple[str, ...]:
@@ -207,9 +203,9 @@ def featurize(
     """Run the frozen part once per split and cache its activations on disk."""
     out = Out(as_json, quiet)
     with user_errors(out), _session():
-        from tlcli.engine.features import featurize_recipe
+        from tlcli import api
 
-        caches = featurize_recipe(_load(recipe, overrides, out), out.reporter(), force=force)
+        caches = api.featurize(_load(recipe, overrides, out), force=force, reporter=out.reporter())
     if not caches:
         out.text("no stage trains from the feature cache (every stage trains on images); nothing to do")
     for cache in caches:
@@ -244,11 +240,11 @@ def fit(
         _relaunch_under_torchrun(nproc, out)
     with user_errors(out), _session():
         from tlcli.run.rundir import remember_last_run
-        from tlcli.engine.train import fit as run_fit
+        from tlcli import api
 
         if tracking is not None:
             overrides = [*(overrides or []), f"tracking.to=[{tracking}]"]
-        result = run_fit(_load(recipe, overrides, out), out.reporter(), force=force, resume=resume)
+        result = api.fit(_load(recipe, overrides, out), force=force, resume=resume, reporter=out.reporter()).fit_result
     if out.dist.main:
         try:
             remember_last_run(result.run_dir)
@@ -293,9 +289,9 @@ def evaluate(
     if len(words) > 1:
         out.fail(TLError(f"one TARGET, got {len(words)}: {' '.join(words)}"), EXIT_USAGE)
     with user_errors(out):
-        from tlcli.engine.evaluate import evaluate as run_evaluate
+        from tlcli import api
 
-        result = run_evaluate(Path(words[0]) if words else None, out.reporter(), device, data, overrides)
+        result = api.evaluate(words[0] if words else None, data, device, reporter=out.reporter(), overrides=overrides)
     m = result.metrics
     for w in result.warnings:
         out.warn(w)
@@ -340,9 +336,10 @@ def predict(
     if not files:
         out.fail(TLError("give at least one image file, folder or glob"), EXIT_USAGE)
     with user_errors(out):
-        from tlcli.engine.predict import predict as run_predict
+        from tlcli import api
 
-        result = run_predict(target, files, top_k, out.reporter(), device, overrides, output, force)
+        result = api.predict(target, files, top_k, device, reporter=out.reporter(), overrides=overrides, csv=output,
+                             force=force)
     for path in result.skipped:
         out.warn(f"{path}: could not be decoded; skipped (data.on_bad_image: skip)")
     if as_json:
@@ -386,9 +383,9 @@ def export(
     if out.on_rank_0_only("export"):
         return
     with user_errors(out):
-        from tlcli.engine.export import export as run_export
+        from tlcli import api
 
-        result = run_export(target, fmt, output, force)
+        result = api.export(target, fmt, output, force)
     out.text(f"wrote {result.path} ({result.format}) and {result.sidecar}")
     out.result({"ok": True, "path": str(result.path), "sidecar": str(result.sidecar), "format": result.format})
 
