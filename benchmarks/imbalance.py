@@ -13,12 +13,11 @@ balanced`. Prints test accuracy, balanced accuracy and macro-F1; asserts nothing
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import yaml
+from head_probe import tl  # the same runner: `python -m tlcli` from the checkout, stderr on failure
 
 REPO = Path(__file__).resolve().parents[1]
 WORK = REPO / ".tl-bench" / "imbalance"
@@ -44,13 +43,6 @@ def imbalanced_folder(root: Path) -> Path:
                 Image.fromarray((digits.images[i] * 255 / 16).astype("uint8")).save(folder / f"{i:04d}.png")
     (root / ".complete").touch()
     return root
-
-
-def tl(*args: str) -> str:
-    proc = subprocess.run([sys.executable, "-m", "tlcli", *args], capture_output=True, text=True, cwd=REPO)
-    if proc.returncode:
-        raise SystemExit(proc.stderr)
-    return proc.stdout
 
 
 def main() -> None:
