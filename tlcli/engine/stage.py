@@ -243,12 +243,14 @@ def set_up(view: Network, stage: Stage, device: torch.device, batches, cache: Op
     ft = ft.model_copy(update={"optimizer": "lbfgs" if probe else resolve_optimizer(stage, None)})
     optimizer = make_optimizer(ft, params, {**view.layer_lr, **ft.layer_lr})
     scheduler = make_scheduler(ft, optimizer, 1 if probe else max(batches.steps, 1))
-    weight = loss_weights(stage.fine_tune.class_weights, class_names, batches.train_labels())
-    if probe is not None and getattr(batches, "balanced", False) and weight is None:
+    weights = stage.fine_tune.class_weights
+    if probe is not None and getattr(batches, "balanced", False) and weights is None:
         # Full-batch L-BFGS sees every row at every step: nothing to sample. Weighing the classes
         # by 1 / count is the same objective, in expectation, as sampling them equally.
-        weight = loss_weights("balanced", class_names, batches.train_labels())
+        weights = "balanced"
         unused["sampler"] = "the L-BFGS head fit uses every row each step; it weighs the classes instead"
+    # The train labels are read (from the cache's shards, when not in memory) only when weights need them.
+    weight = loss_weights(weights, class_names, batches.train_labels()) if weights is not None else None
     return StageSetup(stage, ft, view, forward, params, optimizer, scheduler, batches, has_val, cache, probe, sharded,
                       unused, None if weight is None else weight.to(device))
 
