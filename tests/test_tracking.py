@@ -133,3 +133,26 @@ def test_the_tracking_option_on_fit_is_the_override(tmp_path):
     assert (tmp_path / "run" / "metrics.csv").is_file() and not (tmp_path / "run" / "tensorboard").exists()
     result = invoke("fit", path, "--force", "--tracking", "tensorbord")
     assert result.exit_code == 1 and "did you mean 'tensorboard'?" in result.output
+
+
+def test_an_mlflow_server_that_does_not_answer_is_one_line_before_the_run_starts(tmp_path, cli):
+    import socket
+
+    with socket.socket() as s:  # a port on loopback that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = _recipe(tmp_path)
+    code, out = cli("fit", str(path), f"tracking.mlflow_uri=http://127.0.0.1:{port}/")
+    assert code == 1 and "Traceback" not in out, out
+    assert f"tracking.mlflow_uri: the MLflow tracking server http://127.0.0.1:{port}/ is not reachable" in out
+    assert not (tmp_path / "run").exists()  # refused before the fit started its run
+
+
+def test_mlflows_store_libraries_are_named_when_missing(tmp_path, monkeypatch, cli):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("sqlalchemy", "alembic") else real(name, *a))
+    code, out = cli("validate", str(_recipe(tmp_path)))
+    assert code == 1 and "mlflow needs the sqlalchemy and alembic packages: pip install 'tl[mlflow]'" in out, out

@@ -286,6 +286,7 @@ class CacheRows:
         self.names, self.rows = cache.shards(split), cache.shard_rows(split)
         self.offsets = [sum(self.rows[:i]) for i in range(len(self.rows))]
         self.memory: Optional[tuple[list[torch.Tensor], torch.Tensor]] = None
+        self._labels: Optional[list[torch.Tensor]] = None
         if device is not None and self.names:
             parts = [cache.read_shard(name) for name in self.names]
             frontier = [torch.cat([p[0][i] for p in parts]).to(device) for i in range(len(parts[0][0]))]
@@ -295,7 +296,7 @@ class CacheRows:
         """Each shard's labels (read once from disk when the rows are not held in memory)."""
         if self.memory is not None:
             return [self.memory[1][o : o + n].cpu() for o, n in zip(self.offsets, self.rows)]
-        if not hasattr(self, "_labels"):
+        if self._labels is None:
             self._labels = [self.cache.read_shard(name)[1] for name in self.names]
         return self._labels
 
@@ -303,7 +304,7 @@ class CacheRows:
         """As many rows as the split holds, drawn with replacement so that every class is
         equally likely (`data.sampler: balanced`). The draws are grouped by shard (shards in
         a random order), so one shard is in memory at a time, and cut into batches across
-        shard boundaries: ceil(rows / batch_size) batches, as `balanced_steps` says."""
+        shard boundaries: ceil(rows / batch_size) batches (what CacheBatches.steps counts)."""
         labels = torch.cat(self.labels())
         drawn = torch.multinomial(class_balanced(labels), len(labels), replacement=True, generator=generator)
         shard_of = torch.bucketize(drawn, torch.tensor(self.offsets[1:]), right=True)
@@ -352,7 +353,7 @@ def class_balanced(labels: torch.Tensor) -> torch.Tensor:
 def _take(pending: list, n: int) -> tuple:
     """The first n rows of the pending pieces as one batch; the rest stay pending."""
     frontiers, labels, taken, rest = [], [], 0, []
-    for i, (frontier, piece_labels) in enumerate(pending):
+    for frontier, piece_labels in pending:
         room = n - taken
         if room <= 0:
             rest.append((frontier, piece_labels))

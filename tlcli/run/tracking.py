@@ -22,26 +22,36 @@ from typing import Optional
 from tlcli.config.schema import Recipe, TrackingSpec
 from tlcli.errors import SpecError, TLError
 from tlcli.files import atomic_write, write_json_atomic
-
 from tlcli.run.rundir import CHECKPOINT, CURVES, METRICS, METRICS_CSV, RECIPE, TENSORBOARD, TRACKING, WEIGHTS
 
 # The run's files an MLflow run gets as artifacts when the fit ends.
 ARTIFACTS = (WEIGHTS, CHECKPOINT, RECIPE, METRICS, CURVES)
-EXTRAS = {"tensorboard": ("tensorboard", "tl[tensorboard]"), "mlflow": ("mlflow", "tl[mlflow]")}
+# tracker -> (the modules it needs, the extra that installs them); MLflow's sqlite store needs SQLAlchemy and Alembic.
+EXTRAS = {"tensorboard": (("tensorboard",), "tl[tensorboard]"), "mlflow": (("mlflow", "sqlalchemy", "alembic"), "tl[mlflow]")}
 SCALARS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr")
 
 
 def missing_trackers(spec: TrackingSpec) -> list[str]:
     """A message for each tracker whose library is not installed (found without importing it)."""
-    return [f"{name} needs the {module} package: pip install '{extra}'"
-            for name, (module, extra) in EXTRAS.items() if name in spec.to and importlib.util.find_spec(module) is None]
+    missing = []
+    for name, (modules, extra) in EXTRAS.items():
+        absent = [m for m in modules if name in spec.to and importlib.util.find_spec(m) is None]
+        if absent:
+            missing.append(f"{name} needs the {' and '.join(absent)} package{'s' if len(absent) > 1 else ''}: "
+                           f"pip install '{extra}'")
+    return missing
 
 
 def require_trackers(recipe: Recipe) -> None:
-    """A located error for each tracker the recipe asks for whose library is missing."""
+    """A located error for each tracker the recipe asks for whose library is missing, or whose
+    MLflow server does not answer: before a fit starts its run, not after."""
     missing = missing_trackers(recipe.tracking)
     if missing:
         raise SpecError([(("tracking", "to"), message) for message in missing])
+    if "mlflow" in recipe.tracking.to:
+        problem = _unreachable(mlflow_uri(recipe.tracking))
+        if problem:
+            raise SpecError([(("tracking", "mlflow_uri"), problem)])
 
 
 def mlflow_uri(spec: TrackingSpec, cwd: Optional[Path] = None) -> str:
@@ -53,6 +63,22 @@ def mlflow_uri(spec: TrackingSpec, cwd: Optional[Path] = None) -> str:
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = f"sqlite:///{((cwd or Path.cwd()) / uri[len('sqlite:///'):]).resolve()}"
     return uri
+
+
+def _unreachable(uri: str, timeout: float = 5.0) -> str:
+    """Why a tracking server does not answer, or '': said in seconds, where MLflow's client
+    retries a refused connection with backoff for minutes before it gives up."""
+    import socket
+    import urllib.parse
+
+    if not uri.startswith(("http://", "https://")):
+        return ""
+    url = urllib.parse.urlsplit(uri)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout).close()
+    except OSError as err:
+        return f"the MLflow tracking server {uri} is not reachable ({err.strerror or err})"
+    return ""
 
 
 def _quiet_mlflow():
@@ -74,7 +100,14 @@ class Trackers:
         if "tensorboard" in self.spec.to:
             self._open_tensorboard(recipe_text, resumed_rows)
         if "mlflow" in self.spec.to:
-            self._open_mlflow(recipe, resumed_rows)
+            try:
+                self._open_mlflow(recipe, resumed_rows)
+            except TLError:
+                raise
+            except Exception as err:  # noqa: BLE001 - a store that cannot be reached or read is the user's to fix
+                reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+                raise TLError(f"tracking: mlflow: cannot open the tracking store {mlflow_uri(self.spec)} "
+                              f"({type(err).__name__}: {reason})") from None
 
     def _open_tensorboard(self, recipe_text: str, resumed_rows: Optional[int]) -> None:
         from torch.utils.tensorboard import SummaryWriter
