@@ -156,3 +156,25 @@ def test_mlflows_store_libraries_are_named_when_missing(tmp_path, monkeypatch, c
                         lambda name, *a: None if name in ("sqlalchemy", "alembic") else real(name, *a))
     code, out = cli("validate", str(_recipe(tmp_path)))
     assert code == 1 and "mlflow needs the sqlalchemy and alembic packages: pip install 'tl[mlflow]'" in out, out
+
+
+def test_an_mlflow_store_failing_mid_fit_stops_it_with_one_line_and_resume_finishes(tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    real, calls = MlflowClient.log_batch, []
+
+    def fails_at_epoch_three(self, run_id, metrics=(), **kwargs):
+        if metrics and metrics[0].step == 3:
+            raise ConnectionError("the server went away")
+        calls.append(1)
+        return real(self, run_id, metrics=metrics, **kwargs)
+
+    path = _recipe(tmp_path)
+    monkeypatch.setattr(MlflowClient, "log_batch", fails_at_epoch_three)
+    result = invoke("fit", path)
+    assert result.exit_code == 1 and "tracking: mlflow: logging epoch 3 failed (ConnectionError: the server went away)" \
+        in result.output, result.output
+    monkeypatch.setattr(MlflowClient, "log_batch", real)
+    _ok("fit", path, "--resume")
+    client, run_id = _mlflow(tmp_path, tmp_path / "run")
+    assert sorted(m.step for m in client.get_metric_history(run_id, "train_loss")) == [1, 2, 3, 4, 5]

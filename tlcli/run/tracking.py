@@ -10,6 +10,7 @@ point are purged) and the same MLflow run (steps already there are not logged tw
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import importlib.util
 import io
@@ -157,8 +158,9 @@ class Trackers:
             from mlflow.entities import Metric
 
             now = int(time.time() * 1000)
-            self.client.log_batch(self.run_id, metrics=[Metric(k, float(row[k]), now, step)
-                                                        for k in SCALARS if row.get(k) is not None])
+            with _store_errors(f"logging epoch {step}"):
+                self.client.log_batch(self.run_id, metrics=[Metric(k, float(row[k]), now, step)
+                                                            for k in SCALARS if row.get(k) is not None])
             self.logged.add(step)
         if "csv" in self.spec.to:
             write_metrics_csv(self.path / METRICS_CSV, rows)
@@ -172,10 +174,11 @@ class Trackers:
                 self.writer.add_image("curves", _image(curves), dataformats="HWC")
             self.writer.close()
         if self.client is not None:
-            for file in files:
-                if file.is_file():
-                    self.client.log_artifact(self.run_id, str(file))
-            self.client.set_terminated(self.run_id, "FINISHED")
+            with _store_errors("logging the run's files"):
+                for file in files:
+                    if file.is_file():
+                        self.client.log_artifact(self.run_id, str(file))
+                self.client.set_terminated(self.run_id, "FINISHED")
 
 
 def log_evaluation(run_path: Path, spec: TrackingSpec, metrics: dict, eval_dir: Path) -> None:
@@ -198,6 +201,18 @@ def log_evaluation(run_path: Path, spec: TrackingSpec, metrics: dict, eval_dir: 
         for key, value in scores.items():
             client.log_metric(record["run_id"], key, value)
         client.log_artifacts(record["run_id"], str(eval_dir), artifact_path=eval_dir.name)
+
+
+@contextlib.contextmanager
+def _store_errors(doing: str):
+    """An MLflow store that fails in the middle of a fit (a server gone, a disk full) stops the
+    fit with one line; the run is resumable, and its steps already in MLflow are not logged again."""
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 - MLflow fails as MlflowException, OSError, requests' errors, ...
+        reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        raise TLError(f"tracking: mlflow: {doing} failed ({type(err).__name__}: {reason}); fix the store, "
+                      "then `tl fit --resume` continues the run") from None
 
 
 def write_metrics_csv(path: Path, rows: list[dict]) -> None:
