@@ -19,8 +19,8 @@ from pathlib import Path
 import annotated_types as at
 import pytest
 import yaml
-from pydantic import BaseModel
 
+from tlcli.config.fields import model_in
 from tlcli.config.schema import Recipe
 
 from conftest import invoke
@@ -69,20 +69,10 @@ LOCATED = re.compile(r"^error: (\S*r\.yaml(:\d+)?|override (?P<key>[^\s:]+)): (?
 # --------------------------------------------------------------------------- the schema's fields
 
 
-def _model_in(annotation):
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in typing.get_args(annotation):
-        found = _model_in(arg)
-        if found is not None:
-            return found
-    return None
-
-
 def fields(model=Recipe, prefix=()):
     """(dotted path, annotation, constraints) of every leaf field a recipe has."""
     for name, f in model.model_fields.items():
-        sub = _model_in(f.annotation)
+        sub = model_in(f.annotation)
         if sub is not None and typing.get_origin(f.annotation) is not list:
             yield from fields(sub, (*prefix, name))
         else:

@@ -75,3 +75,14 @@ DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?|mps"
 
 # Seeds feed numpy's RandomState and torch generators: both take 32-bit-safe values.
 Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
+
+
+def model_in(annotation: Any) -> Optional[type[BaseModel]]:
+    """The pydantic model an annotation holds (`Optional[X]`, `list[X]`, `Union[X, ...]` -> X), or None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = model_in(arg)
+        if found is not None:
+            return found
+    return None

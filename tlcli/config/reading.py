@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Sequence, Union
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
+from tlcli.config.fields import model_in
 from tlcli.config.schema import Recipe
 from tlcli.config.source import RecipeSource
 from tlcli.config.stages import stage_problems
@@ -205,7 +206,7 @@ def _annotation_at(loc: tuple) -> Any:
     """The type annotation at a dotted path through the Recipe model, or None."""
     annotation: Any = Recipe
     for part in loc:
-        model = _model_in(annotation)
+        model = model_in(annotation)
         if model is None or str(part) not in model.model_fields:
             if isinstance(part, int):
                 continue  # a list index: stay on the list's item type
@@ -214,18 +215,8 @@ def _annotation_at(loc: tuple) -> Any:
     return annotation
 
 
-def _model_in(annotation: Any) -> Optional[type[BaseModel]]:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in typing.get_args(annotation):
-        found = _model_in(arg)
-        if found is not None:
-            return found
-    return None
-
-
 def _field_names(loc: tuple) -> list[str]:
-    model = _model_in(_annotation_at(loc))
+    model = model_in(_annotation_at(loc))
     return list(model.model_fields) if model else []
 
 

@@ -20,6 +20,7 @@ from pydantic import BaseModel
 from pydantic.fields import PydanticUndefined
 
 from tlcli.config.schema import Recipe
+from tlcli.config.fields import model_in
 
 _HEADER = """# Recipe keys
 
@@ -96,21 +97,11 @@ def _sections(model: type[BaseModel], prefix: str):
     the recipe's, key for key, and is not listed again."""
     yield prefix, model
     for name, field in model.model_fields.items():
-        sub = _model_in(field.annotation)
+        sub = model_in(field.annotation)
         if sub is None or sub.__name__ == "FineTuneOverride":
             continue
         listed = typing.get_origin(field.annotation) is list
         yield from _sections(sub, (f"{prefix}.{name}" if prefix else name) + ("[]" if listed else ""))
-
-
-def _model_in(annotation: Any):
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in typing.get_args(annotation):
-        found = _model_in(arg)
-        if found is not None:
-            return found
-    return None
 
 
 def _type(annotation: Any) -> str:
