@@ -4,6 +4,7 @@
 
     recipe = api.load("recipes/quickstart.yaml", ["fine_tune.epochs=5"])
     run = api.fit(recipe)                 # -> api.Run
+    best = api.sweep(recipe)              # which layers to freeze, measured -> .recommended
     metrics = run.evaluate()              # eval/metrics.json, as a dict
     top = run.predict(["my-digits/"])     # [Prediction(path, top=[(class, probability), ...])]
     run.export("digits.onnx")             # and digits.onnx.json beside it
@@ -27,10 +28,11 @@ from tlcli.progress import Reporter
 if TYPE_CHECKING:
     from tlcli.config.schema import Recipe
     from tlcli.engine.predict import Prediction
+    from tlcli.engine.sweep import SweepResult
     from tlcli.engine.train import FitResult
 
 __all__ = ["Recipe", "RecipeError", "Run", "TLError", "TLWarning", "evaluate", "export", "featurize", "fit", "load",
-           "open_run", "predict", "validate"]
+           "open_run", "predict", "sweep", "validate"]
 
 
 class TLWarning(UserWarning):
@@ -100,6 +102,15 @@ def fit(recipe: Union["Recipe", PathLike], force: bool = False, resume: bool = F
 
     result = run_fit(_recipe(recipe), _reporter(progress, reporter), force=force, resume=resume)
     return Run(result.run_dir, result)
+
+
+def sweep(recipe: Union["Recipe", PathLike], force: bool = False, resume: bool = False, progress: bool = False,
+          reporter: Optional[Reporter] = None) -> "SweepResult":
+    """Which boundary to freeze at, measured on val (`tl sweep`): a SweepResult with its rows, the
+    choice, and the path of the recommended recipe."""
+    from tlcli.engine.sweep import sweep as run_sweep
+
+    return run_sweep(_recipe(recipe), _reporter(progress, reporter), force=force, resume=resume)
 
 
 def open_run(path: PathLike) -> "Run":

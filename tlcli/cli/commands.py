@@ -267,6 +267,38 @@ def fit(
                 "stages": [s.model_dump() for s in result.stages]})
 
 
+@app.command(epilog=_example("tl sweep recipes/quickstart.yaml",
+                             "tl sweep recipes/quickstart.yaml 'sweep.boundaries=[blocks.4, blocks.5]' sweep.epochs=2",
+                             "tl sweep recipes/quickstart.yaml --json | jq .rows",
+                             "tl fit runs/quickstart/sweep/recommended.yaml"))
+def sweep(
+    recipe: RecipeArg,
+    overrides: Overrides = None,
+    force: Annotated[bool, typer.Option("--force", metavar=FLAG, help="Start over, overwriting a finished or interrupted sweep.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", metavar=FLAG, help="Continue an interrupted sweep; finished measurements are kept.")] = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Which layers to freeze, measured: one featurize pass, then a linear probe and an
+    unfreeze-from-here (LP-FT) at each candidate boundary, and one multi-depth probe, all scored
+    on the val split. Writes OUTPUT_DIR/sweep/: the table, accuracy_vs_depth.png and
+    recommended.yaml, which `tl fit` trains from the sweep's caches."""
+    out = Out(as_json, quiet)
+    if force and resume:
+        out.fail(TLError("--force starts over and --resume continues; give one"), EXIT_USAGE)
+    with user_errors(out), _session():
+        from tlcli import api
+        from tlcli.engine.sweep import table
+
+        result = api.sweep(_load(recipe, overrides, out), force=force, resume=resume, reporter=out.reporter())
+    out.text(table(result.rows, result.choice))
+    c = result.choice
+    out.text(f"recommended: {c.kind} at {c.boundary} (val_acc {c.val_acc:.4f}, {c.trainable_params:,} trainable "
+             f"parameters) in {result.seconds:.1f}s -> {result.recommended}")
+    out.text(f"  train it: tl fit {result.recommended}")
+    out.result({"ok": True, **result.as_json()})
+
+
 @app.command(epilog=_example("tl evaluate", "tl evaluate runs/quickstart --min-accuracy 0.9",
                              "tl evaluate runs/quickstart --data photos/labelled/ --json | jq .accuracy"))
 def evaluate(

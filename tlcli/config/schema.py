@@ -17,12 +17,12 @@ from tlcli.config.sections import (AddSpec, BaseSpec, DataSpec, FreezeSpec, Head
                                    RemoveSpec, SplitSpec, WeightsSpec)
 from tlcli.config.source import RecipeSource
 from tlcli.config.training import (AugmentSpec, CacheSpec, CropSpec, DistributedSpec, EarlyStoppingSpec, FineTuneOverride,
-                                   FineTuneSpec, JitterSpec, StageSpec, TrackingSpec)
+                                   FineTuneSpec, JitterSpec, StageSpec, SweepSpec, TrackingSpec)
 from tlcli.errors import Problem, RecipeError, SpecError
 
 __all__ = ["Recipe", "AddSpec", "AugmentSpec", "BaseSpec", "CacheSpec", "CropSpec", "DataSpec", "DistributedSpec",
            "EarlyStoppingSpec", "FineTuneOverride", "FineTuneSpec", "FreezeSpec", "HeadSpec", "InputSpec", "JitterSpec",
-           "NOutReplace", "Operation", "RemoveSpec", "SplitSpec", "StageSpec", "WeightsSpec"]
+           "NOutReplace", "Operation", "RemoveSpec", "SplitSpec", "StageSpec", "SweepSpec", "WeightsSpec"]
 
 
 class Recipe(Strict):
@@ -48,6 +48,7 @@ class Recipe(Strict):
                                          description="How the run splits its work under torchrun.")
     tracking: TrackingSpec = Field(default=TrackingSpec(),
                                    description="Experiment trackers each fit logs to: tensorboard, mlflow, csv.")
+    sweep: SweepSpec = Field(default=SweepSpec(), description="What `tl sweep` compares; read by tl sweep only.")
     device: str = Field(default="auto", description="auto (CUDA when present, else the CPU), cpu, cuda, cuda:N or mps.")
     output_dir: UserPath = Field(
                                  description="The run directory: tl writes only into an empty or new directory, or one that carries its marker.")

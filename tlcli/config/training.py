@@ -177,6 +177,31 @@ class DistributedSpec(Strict):
     timeout_s: int = Field(default=300, ge=10, le=86_400)
 
 
+# The unfreeze-from-here measurement's settings, under the recipe's fine_tune: a short run at a
+# fine-tuning rate (the recipe's default lr suits a new head, and undoes pretrained blocks).
+SWEEP_UNFREEZE_DEFAULTS = {"optimizer": "adam", "lr": 1e-4, "train_bn": False}
+
+
+class SweepSpec(Strict):
+    """What `tl sweep` measures: which boundaries, and for how long each unfreeze-from-here trains."""
+
+    boundaries: Optional[list[Annotated[str, Field(min_length=1, max_length=512)]]] = Field(
+        default=None, min_length=1, max_length=16,
+        description="The freeze boundaries to compare; default: the output of each top-level block of the base "
+                    "(at most 5, evenly spaced), then the head's input.")
+    epochs: int = Field(default=1, ge=1, le=1000,
+                        description="Epochs of each unfreeze-from-here measurement (a short, fixed budget).")
+    unfreeze: bool = Field(default=True,
+                           description="Also train everything above each boundary from the cache (LP-FT); "
+                                       "false measures probes only.")
+    tie: float = Field(default=0.0, ge=0, le=1,
+                       description="Val accuracies within this of the best are a tie, broken toward fewer "
+                                   "trainable parameters.")
+    fine_tune: Optional[FineTuneOverride] = Field(  # type: ignore[valid-type]
+        default=None, description="fine_tune keys for the unfreeze-from-here stage, over the recipe's; "
+                                  "unset: optimizer adam, lr 0.0001, train_bn false.")
+
+
 TRACKERS = ("tensorboard", "mlflow", "csv")
 
 

@@ -67,9 +67,16 @@ def featurize(view: Network, data: DataPlan, device: torch.device, cache: CacheS
     splits = [s for s in data.splits if splits is None or s in splits]
     data_identity = data.identity(jpeg_decoder(device))
     extractor = view.extractor()
-    components = _components(data_identity, view.frozen_identity(extractor), cache.dtype, splits)
+    identity = view.frozen_identity(extractor)
+    components = _components(data_identity, identity, cache.dtype, splits)
     key = cache_key(components)
     final = Path(cache.dir) / key
+    whole = Path(cache.dir) / cache_key(_components(data_identity, identity, cache.dtype, list(data.splits)))
+    if whole != final and not force and open_cache(whole) is not None:
+        # A cache of every split (a sweep's, or a one-stage run's) holds the rows this one needs.
+        if distributed.current().main:
+            reporter.info(f"feature cache hit: {whole}")
+        return _opened(whole, data)
     dist = distributed.current()
     # One builder per key: a second featurizer waits here, then finds the cache complete.
     # Under torchrun, rank 0 decides and owns the directory; every rank writes its units.

@@ -29,7 +29,7 @@ from tlcli.engine.features import featurize, splits_read_by
 from tlcli.engine.fit_steps import (EarlyStopping, FitContext, FitHooks, pin_frozen, restore_model, restore_stage,
                                     save_epoch, save_stage_done, write_checkpoint)
 from tlcli.engine.optim import make_optimizer
-from tlcli.engine.plan import make_plan
+from tlcli.engine.plan import Plan, make_plan
 from tlcli.engine.probe import L2_WITHOUT_VAL, choose_l2
 from tlcli.engine.stage import (CacheBatches, ImageBatches, StageSetup, one_thread_for_a_small_head, rank_batch_size,
                                 set_up)
@@ -41,7 +41,7 @@ from tlcli.run.records import StageSummary
 from tlcli.run.rundir import CURVES, RunDir
 from tlcli.run.tracking import Trackers
 
-__all__ = ["FitHooks", "FitResult", "fit", "train_epoch", "evaluate_epoch"]
+__all__ = ["FitHooks", "FitResult", "fit", "fit_plan", "train_epoch", "evaluate_epoch"]
 
 
 @dataclass
@@ -60,7 +60,14 @@ def fit(recipe: Recipe, reporter: Reporter = Reporter(), force: bool = False, re
         hooks: FitHooks = FitHooks()) -> FitResult:
     """`tl fit`: plan once, check the run directory (reading only), then train every stage."""
     started = time.perf_counter()
-    plan = make_plan(recipe)
+    return fit_plan(make_plan(recipe), reporter, force, resume, hooks, started)
+
+
+def fit_plan(plan: Plan, reporter: Reporter = Reporter(), force: bool = False, resume: bool = False,
+             hooks: FitHooks = FitHooks(), started: Optional[float] = None) -> FitResult:
+    """Fit a planned recipe (a sweep plans many recipes on one data plan)."""
+    started = time.perf_counter() if started is None else started
+    recipe = plan.recipe
     with recipe.located():
         _check_stages_against_data(plan)
     recipe_text = dump_recipe(anchored(recipe))  # every path absolute: the run works from any directory

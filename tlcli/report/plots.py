@@ -97,3 +97,36 @@ def plot_top_losses(items: list[dict], out: Path, columns: int = 4) -> None:
     fig.suptitle("top losses: most confidently wrong test images", fontsize=12)
     fig.savefig(out, dpi=100)
     plt.close(fig)
+
+
+def plot_sweep(rows: list[dict], boundaries: list[str], choice: str, out: Path) -> None:
+    """A sweep's val accuracy per boundary: the probe and unfreeze-from-here lines, the multi-depth
+    probe as a dashed level, the recommendation circled."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(boundaries) + 2), 4.2))
+    x_of = {b: i for i, b in enumerate(boundaries)}
+    for kind, style in (("probe", "o-"), ("unfreeze", "s-")):
+        points = sorted((x_of[r["boundary"]], r["val_acc"]) for r in rows if r["kind"] == kind and r["boundary"] in x_of)
+        if kind == "unfreeze":  # above the head's input, unfreezing trains the head alone: the probe's point
+            points += [(x_of[r["boundary"]], r["val_acc"]) for r in rows if r["kind"] == "probe" and r["boundary"] == boundaries[-1]]
+            points.sort()
+        if points:
+            ax.plot([p[0] for p in points], [p[1] for p in points], style,
+                    label="linear probe" if kind == "probe" else "unfreeze from here (LP-FT)")
+    for r in rows:
+        if r["kind"] == "multi-depth":
+            ax.axhline(r["val_acc"], color="grey", linestyle="--", linewidth=1, label="multi-depth probe")
+        if r["id"] == choice:
+            x = x_of.get(r["boundary"], len(boundaries) - 1)
+            ax.plot([x], [r["val_acc"]], "o", markersize=14, markerfacecolor="none", markeredgecolor="red",
+                    label="recommended")
+    ax.set_xticks(range(len(boundaries)))
+    ax.set_xticklabels([printable(b) for b in boundaries], rotation=30, ha="right")
+    ax.set_xlabel("freeze boundary (deeper to the right)")
+    ax.set_ylabel("val accuracy")
+    ax.set_title("accuracy vs depth")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,118 @@
+"""The recipes a sweep fits, one per measurement, each made from the user's recipe. Imports no torch.
+
+For a boundary B (a node the model computes) and the head's input H:
+
+- `probe@H` is the user's recipe frozen below its head: the default, a linear probe;
+- `probe@B` cuts the network at B: the surgery pools B's map (adaptive average),
+  flattens it and adds a Linear head there (`sweep_head`), frozen below the head;
+- `multi-depth` concatenates every pooled B and H under one Linear head (Head2Toe);
+- `unfreeze@B` is LP-FT in two stages: the probe head at H (as `probe@H` fits it), then
+  everything above B trained from the cache at B for `sweep.epochs`, with the recipe's
+  fine_tune and `sweep.fine_tune` over it (default: adam at lr 1e-4, BN statistics kept).
+
+Every candidate is a complete recipe: the winner, with its own output_dir, is the
+recommendation. Its `augment`, `stages` and `sweep` are not carried over (a sweep
+measures from the cache).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from tlcli.config.reading import anchored, dump_recipe, parse_recipe
+from tlcli.config.schema import Recipe
+from tlcli.config.training import SWEEP_UNFREEZE_DEFAULTS
+
+HEAD = "sweep_head"
+CONCAT = "sweep_concat"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    id: str  # its directory under sweep/candidates/
+    kind: str  # probe, multi-depth, unfreeze
+    boundary: str  # where its trained part starts (multi-depth: every boundary)
+    text: str  # the recipe, as YAML
+
+    def recipe(self, name: str) -> Recipe:
+        return parse_recipe(self.text, name)
+
+
+def _flat(boundary: str) -> str:
+    return "sweep_flat_" + re.sub(r"\W", "_", boundary)
+
+
+def _pooled(boundary: str) -> list[dict]:
+    """Surgery that pools and flattens a feature map at `boundary`."""
+    name = re.sub(r"\W", "_", boundary)
+    return [{"add": {"name": f"sweep_pool_{name}", "type": "pooling", "pool": "adaptive_avg", "inputs": [boundary]}},
+            {"add": {"name": _flat(boundary), "type": "flatten", "inputs": [f"sweep_pool_{name}"]}}]
+
+
+def _new_head(inputs: str) -> list[dict]:
+    return [{"add": {"name": HEAD, "type": "linear", "inputs": [inputs]}}, {"outputs": [HEAD]}]
+
+
+def as_written(recipe: Recipe) -> dict:
+    """The recipe as its user wrote it (overrides applied), every path made absolute and the
+    cache's directory always named: a candidate reads like its user's recipe, and finds the
+    sweep's caches from any directory."""
+    data = recipe.model_dump(mode="json", exclude_unset=True)
+    full = yaml.safe_load(dump_recipe(anchored(recipe)))
+    for section, key in (("data", "imagefolder"), ("data", "csv"), ("data", "jsonl"), ("data", "root"),
+                         ("base", "checkpoint")):
+        if data.get(section, {}).get(key) is not None:
+            data[section][key] = full[section][key]
+    weights = data.get("base", {}).get("weights")
+    if isinstance(weights, dict) and weights.get("file") is not None:
+        weights["file"] = full["base"]["weights"]["file"]
+    data["cache"] = {**data.get("cache", {}), "dir": full["cache"]["dir"]}
+    return data
+
+
+def candidates(recipe: Recipe, boundaries: list[str], head_input: str, maps: set[str], output_dir: Path) -> list[Candidate]:
+    """Every measurement's recipe. `boundaries` in execution order, `head_input` last among them;
+    `maps`: the boundaries whose output is a (C, H, W) map (pooled for a probe); any other
+    boundary but the head's input has no probe of its own (a token sequence is not pooled)."""
+    base = as_written(recipe)
+    for key in ("sweep", "stages", "augment"):
+        base.pop(key, None)
+    surgery, head = base.get("surgery", []), base.get("head", {})
+
+    def make(cid: str, kind: str, boundary: str, **changes) -> Candidate:
+        data = {**base, **changes, "output_dir": str(output_dir / cid)}
+        data = {key: data[key] for key in Recipe.model_fields if key in data}  # the reference's order
+        return Candidate(cid, kind, boundary, yaml.safe_dump(data, sort_keys=False))
+
+    out = [make(f"probe-{head_input}", "probe", head_input, freeze={"until": head_input})]
+    below = [b for b in boundaries if b != head_input]
+    for b in below:
+        if b in maps:
+            out.append(make(f"probe-{b}", "probe", b, surgery=[*surgery, *_pooled(b), *_new_head(_flat(b))],
+                            freeze={"until": _flat(b)}, head={**head, "layer": HEAD}))
+    pooled = [b for b in below if b in maps]
+    if pooled:
+        merge = [{"add": {"name": CONCAT, "type": "concat", "inputs": [*map(_flat, pooled), head_input]}}]
+        out.append(make("multi-depth", "multi-depth", "+".join([*pooled, head_input]),
+                        surgery=[*surgery, *(op for b in pooled for op in _pooled(b)), *merge, *_new_head(CONCAT)],
+                        freeze={"until": CONCAT}, head={**head, "layer": HEAD}))
+    if recipe.sweep.unfreeze:
+        unfreeze = {**SWEEP_UNFREEZE_DEFAULTS,
+                    **(recipe.sweep.fine_tune.model_dump(exclude_none=True) if recipe.sweep.fine_tune else {})}
+        for b in reversed(below):  # the deepest first: the cheapest to train
+            stages = [{"name": "head"},
+                      {"name": "unfreeze", "freeze": {"until": b}, "input": "cache", "epochs": recipe.sweep.epochs,
+                       "fine_tune": unfreeze}]
+            out.append(make(f"unfreeze-{b}", "unfreeze", b, freeze={"until": head_input}, stages=stages))
+    return out
+
+
+def recommended_text(candidate: Candidate, output_dir: Path, note: str) -> str:
+    """The winner's recipe, training into `output_dir`, with a comment saying where it came from."""
+    data = yaml.safe_load(candidate.text)
+    data["output_dir"] = str(output_dir)
+    return "".join(f"# {line}\n" for line in note.splitlines()) + yaml.safe_dump(data, sort_keys=False)

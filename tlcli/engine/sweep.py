@@ -1,0 +1,150 @@
+"""`tl sweep`: which layers to freeze, measured. One featurize pass, then a probe and an unfreeze-from-here per boundary.
+
+The sweep plans once (the device, the data, the base network), finds the
+candidate boundaries (`model.depths`), makes one recipe per measurement
+(`config.sweep`) and plans each on the same data. One pass fills every cache
+the candidates train from (`engine.sweep_cache`); then each candidate is
+fitted as a tl run in RUN_DIR/sweep/candidates/ID/, from its cache, and
+scored on the val split: the test split is never read while choosing. The
+most accurate on val wins, ties (within `sweep.tie`) going to fewer trainable
+parameters; its recipe is RUN_DIR/sweep/recommended.yaml, which a `tl fit`
+trains from the same caches. A killed sweep resumes with --resume: every
+finished measurement is kept (rows/ID.json), the one that was running starts over.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from tlcli.config.reading import anchored, dump_recipe
+from tlcli.config.schema import Recipe
+from tlcli.config.sweep import Candidate, candidates, recommended_text
+from tlcli.engine.plan import Plan, make_plan
+from tlcli.engine.sweep_cache import fill_caches, stage_cache
+from tlcli.engine.train import fit_plan
+from tlcli.errors import SpecError, TLError
+from tlcli.model.build import build_network
+from tlcli.model.depths import checked_boundaries, default_boundaries, head_input
+from tlcli.progress import Reporter
+from tlcli.report.plots import plot_sweep
+from tlcli.run.sweepdir import PICTURE, RECOMMENDED, TABLE, SweepDir, SweepRow
+
+
+@dataclass
+class SweepResult:
+    sweep_dir: Path
+    boundaries: list[str]
+    rows: list[SweepRow]
+    choice: SweepRow
+    recommended: Path
+    seconds: float
+    skipped: list[str] = field(default_factory=list)
+
+    def as_json(self) -> dict:
+        rows = [r.model_dump(mode="json", exclude={"recipe_text"}) for r in self.rows]
+        return {"sweep_dir": str(self.sweep_dir), "boundaries": self.boundaries, "rows": rows,
+                "choice": self.choice.id, "recommended": str(self.recommended), "seconds": round(self.seconds, 2)}
+
+
+class _Quiet(Reporter):
+    """A candidate's fit: its progress shown under the candidate's name; its notes and warnings
+    are about a recipe tl wrote (the user's recipe was told about when it was read)."""
+
+    def __init__(self, outer: Reporter, name: str):
+        self.outer, self.name = outer, name
+
+    def task(self, description: str, total, unit: str = "it"):
+        return self.outer.task(f"{self.name}: {description}", total, unit)
+
+
+def sweep(recipe: Recipe, reporter: Reporter = Reporter(), force: bool = False, resume: bool = False) -> SweepResult:
+    """`tl sweep`: plan once, measure every candidate (resuming a killed sweep), recommend one."""
+    started = time.perf_counter()
+    plan = make_plan(recipe)
+    if plan.dist.enabled:
+        raise TLError("tl sweep runs in one process; run it without torchrun")
+    if not plan.data.splits.get("val"):
+        raise recipe.locate(SpecError([(("data", "split", "val"), "a sweep chooses on the val split; set it > 0")]))
+    graph = plan.network.graph
+    with recipe.located():
+        top = head_input(graph, plan.network.head_layer)
+        boundaries = (checked_boundaries(graph, [*recipe.sweep.boundaries, *([] if top in recipe.sweep.boundaries else [top])])
+                      if recipe.sweep.boundaries else default_boundaries(graph, plan.network.head_layer))
+    where = SweepDir(recipe.output_dir)
+    recipe_text = dump_recipe(anchored(recipe))
+    where.check(recipe_text, force, resume, Path(recipe.source.name))
+    shapes = graph.output_shapes(len(plan.network.preprocess.mean), plan.network.preprocess.size)
+    maps = {b for b in boundaries if len(shapes.get(graph.resolve(b), ())) == 3}
+    with where.exclusive():
+        where.start(recipe_text, resume)
+        made = candidates(recipe, boundaries, top, maps, where.path / "candidates")
+        plans = {c.id: _planned(c, plan, where) for c in made}
+        union = plans.get("multi-depth", plans[made[0].id])
+        caches = fill_caches(union, list(plans.values()), reporter, force=force)
+        rows = [_measured(c, plans[c.id], caches, where, reporter) for c in made]
+        choice = choose(rows, recipe.sweep.tie)
+        recommended = _write_outputs(where, recipe, boundaries, rows, choice, next(c for c in made if c.id == choice.id))
+        result = SweepResult(where.path, boundaries, rows, choice, recommended, time.perf_counter() - started)
+        where.finish(result.as_json())
+    return result
+
+
+def _planned(candidate: Candidate, plan: Plan, where: SweepDir) -> Plan:
+    """A candidate planned on the sweep's device and data (no second data plan, no second device)."""
+    # Beside its run, not inside it: a fit refuses an output_dir that holds its own recipe file.
+    path = where.write_text(f"candidates/{candidate.id}.yaml", candidate.text)
+    recipe = candidate.recipe(str(path))
+    network = build_network(recipe, plan.data.class_names)
+    return Plan(recipe, network.stages, plan.device, plan.dist, plan.data, network)
+
+
+def _measured(candidate: Candidate, plan: Plan, caches: dict, where: SweepDir, reporter: Reporter) -> SweepRow:
+    """The candidate's row: kept from an earlier, killed sweep, or fitted now (from the start)."""
+    kept = where.row(candidate.id, candidate.text)
+    if kept is not None:
+        reporter.info(f"{candidate.id}: kept from the interrupted sweep (val_acc {kept.val_acc:.4f})")
+        return kept
+    result = fit_plan(plan, _Quiet(reporter, candidate.id), force=True)
+    key = stage_cache(plan, plan.stages[-1]).key
+    cache_bytes = sum(s["bytes"] for split in caches[key].manifest["splits"].values() for s in split["shards"])
+    row = SweepRow(id=candidate.id, kind=candidate.kind, boundary=candidate.boundary,
+                   trainable_params=result.stages[-1].trainable_params, cache_bytes=cache_bytes,
+                   val_acc=result.final["val_acc"], seconds=round(result.seconds, 3), recipe_text=candidate.text)
+    where.save_row(row)
+    return row
+
+
+def choose(rows: list[SweepRow], tie: float) -> SweepRow:
+    """The best val accuracy; among those within `tie` of it, the fewest trainable parameters
+    (then the earliest row: the default probe comes first)."""
+    best = max(r.val_acc for r in rows)
+    tied = [r for r in rows if r.val_acc >= best - tie - 1e-9]
+    return min(tied, key=lambda r: (r.trainable_params, rows.index(r)))
+
+
+def table(rows: list[SweepRow], choice: SweepRow) -> str:
+    """The rows as a fixed-width table, the choice marked."""
+    head = f"  {'measurement':<11} {'boundary':<28} {'trainable':>11} {'cache MB':>9} {'val acc':>8} {'seconds':>8}"
+    lines = [head]
+    for r in rows:
+        boundary = r.boundary if len(r.boundary) <= 28 else r.boundary[:25] + "..."
+        mark = "*" if r.id == choice.id else " "
+        lines.append(f"{mark} {r.kind:<11} {boundary:<28} {r.trainable_params:>11,} {r.cache_bytes / 2**20:>9.1f} "
+                     f"{r.val_acc:>8.4f} {r.seconds:>8.1f}")
+    return "\n".join(lines)
+
+
+def _write_outputs(where: SweepDir, recipe: Recipe, boundaries: list[str], rows: list[SweepRow], choice: SweepRow,
+                   winner: Candidate) -> Path:
+    text = table(rows, choice)
+    where.write_text(TABLE, text + "\n")
+    plot_sweep([r.model_dump() for r in rows], boundaries, choice.id, where / PICTURE)
+    note = (f"Recommended by tl sweep {Path(recipe.source.name).name}: {choice.kind} at {choice.boundary}, "
+            f"val accuracy {choice.val_acc:.4f}\n"
+            f"({choice.trainable_params:,} trainable parameters). The sweep's table: {where / TABLE}\n"
+            f"tl fit {where / RECOMMENDED} reuses the sweep's feature caches.")
+    return where.write_text(RECOMMENDED, recommended_text(winner, where.recommended_run, note))
+
