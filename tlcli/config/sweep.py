@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Optional
 from pathlib import Path
 
 import yaml
@@ -100,14 +101,30 @@ def candidates(recipe: Recipe, boundaries: list[str], head_input: str, maps: set
         out.append(make("multi-depth", "multi-depth", "+".join([*pooled, head_input]),
                         surgery=[*surgery, *(op for b in pooled for op in _pooled(b)), *merge, *_new_head(CONCAT)],
                         freeze={"until": CONCAT}, head={**head, "layer": HEAD}))
-    if recipe.sweep.unfreeze:
-        unfreeze = {**SWEEP_UNFREEZE_DEFAULTS,
-                    **(recipe.sweep.fine_tune.model_dump(exclude_none=True) if recipe.sweep.fine_tune else {})}
-        for b in reversed(below):  # the deepest first: the cheapest to train
-            stages = [{"name": "head"},
-                      {"name": "unfreeze", "freeze": {"until": b}, "input": "cache", "epochs": recipe.sweep.epochs,
-                       "fine_tune": unfreeze}]
-            out.append(make(f"unfreeze-{b}", "unfreeze", b, freeze={"until": head_input}, stages=stages))
+    return out
+
+
+def unfreeze_candidates(recipe: Recipe, boundaries: list[str], head_input: str, head_l2: Optional[float],
+                        output_dir: Path) -> list[Candidate]:
+    """LP-FT at each boundary below the head's input, the deepest (the cheapest) first. The head
+    stage fits the probe with `head_l2`, the L2 the probe at the head's input chose on val: the
+    same head that probe fitted, without choosing again."""
+    if not recipe.sweep.unfreeze:
+        return []
+    base = as_written(recipe)
+    for key in ("sweep", "stages", "augment"):
+        base.pop(key, None)
+    tuned = {**SWEEP_UNFREEZE_DEFAULTS,
+             **(recipe.sweep.fine_tune.model_dump(exclude_none=True) if recipe.sweep.fine_tune else {})}
+    head = {"name": "head", **({"fine_tune": {"weight_decay": head_l2}} if head_l2 else {})}
+    out = []
+    for b in reversed([b for b in boundaries if b != head_input]):
+        cid = f"unfreeze-{b}"
+        stages = [head, {"name": "unfreeze", "freeze": {"until": b}, "input": "cache", "epochs": recipe.sweep.epochs,
+                         "fine_tune": tuned}]
+        data = {**base, "freeze": {"until": head_input}, "stages": stages, "output_dir": str(output_dir / cid)}
+        data = {key: data[key] for key in Recipe.model_fields if key in data}
+        out.append(Candidate(cid, "unfreeze", b, yaml.safe_dump(data, sort_keys=False)))
     return out
 
 

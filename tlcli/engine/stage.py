@@ -41,7 +41,9 @@ class StageForward:
         self.norms = [] if train_bn else [m for m in view.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         self.trainable = view.trainable()
         self.extractor = view.extractor() if on_images else None
-        self.channels_last = on_images and device.type != "mps"
+        # Convolutions run fastest in channels_last, on images and on cached feature maps alike
+        # (one epoch of Lite0's blocks.4-6 from a digits cache at blocks.3: 15.2 s NCHW, 7.0 s).
+        self.channels_last = device.type != "mps"
         if self.channels_last:
             to_channels_last(self.pinned, device)
         self.ddp: Optional[nn.Module] = None
@@ -73,6 +75,8 @@ class StageForward:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.no_grad():
                 inputs = list(self.extractor(x))
+        elif self.channels_last:
+            inputs = [f.contiguous(memory_format=torch.channels_last) if f.ndim == 4 else f for f in inputs]
         # Training steps go through DDP (every rank runs the same number); evaluation does not,
         # since ranks may hold different numbers of validation batches and DDP's forward is a collective.
         if self.ddp is not None and self.training:

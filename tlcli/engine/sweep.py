@@ -21,7 +21,7 @@ from typing import Optional
 
 from tlcli.config.reading import anchored, dump_recipe
 from tlcli.config.schema import Recipe
-from tlcli.config.sweep import Candidate, candidates, recommended_text
+from tlcli.config.sweep import Candidate, candidates, recommended_text, unfreeze_candidates
 from tlcli.engine.plan import Plan, make_plan
 from tlcli.engine.sweep_cache import fill_caches, stage_cache
 from tlcli.engine.train import fit_plan
@@ -81,10 +81,16 @@ def sweep(recipe: Recipe, reporter: Reporter = Reporter(), force: bool = False, 
     with where.exclusive():
         where.start(recipe_text, resume)
         made = candidates(recipe, boundaries, top, maps, where.path / "candidates")
-        plans = {c.id: _planned(c, plan, where) for c in made}
+        # The unfreeze candidates' caches are the probes' (their head's) and the base's at each
+        # boundary; planned with the L2 of no probe yet, they key the same caches.
+        later = unfreeze_candidates(recipe, boundaries, top, None, where.path / "candidates")
+        plans = {c.id: _planned(c, plan, where) for c in [*made, *later]}
         union = plans.get("multi-depth", plans[made[0].id])
         caches = fill_caches(union, list(plans.values()), reporter, force=force)
         rows = [_measured(c, plans[c.id], caches, where, reporter) for c in made]
+        later = unfreeze_candidates(recipe, boundaries, top, rows[0].l2, where.path / "candidates")
+        rows += [_measured(c, _planned(c, plan, where), caches, where, reporter) for c in later]
+        made += later
         choice = choose(rows, recipe.sweep.tie)
         recommended = _write_outputs(where, recipe, boundaries, rows, choice, next(c for c in made if c.id == choice.id))
         result = SweepResult(where.path, boundaries, rows, choice, recommended, time.perf_counter() - started)
@@ -112,7 +118,7 @@ def _measured(candidate: Candidate, plan: Plan, caches: dict, where: SweepDir, r
     cache_bytes = sum(s["bytes"] for split in caches[key].manifest["splits"].values() for s in split["shards"])
     row = SweepRow(id=candidate.id, kind=candidate.kind, boundary=candidate.boundary,
                    trainable_params=result.stages[-1].trainable_params, cache_bytes=cache_bytes,
-                   val_acc=result.final["val_acc"], seconds=round(result.seconds, 3), recipe_text=candidate.text)
+                   val_acc=result.final["val_acc"], l2=result.stages[-1].l2, seconds=round(result.seconds, 3), recipe_text=candidate.text)
     where.save_row(row)
     return row
 
