@@ -10,9 +10,10 @@ For a boundary B (a node the model computes) and the head's input H:
   everything above B trained from the cache at B for `sweep.epochs`, with the recipe's
   fine_tune and `sweep.fine_tune` over it (default: adam at lr 1e-4, BN statistics kept).
 
-Every candidate is a complete recipe: the winner, with its own output_dir, is the
-recommendation. Its `augment`, `stages` and `sweep` are not carried over (a sweep
-measures from the cache).
+Every candidate is a complete recipe: the winner, with its own output_dir (and the
+user's `tracking`, which the candidates' fits do not log to), is the recommendation.
+The user's `augment`, `stages` and `sweep` are not carried over: a sweep measures
+from the cache.
 """
 
 from __future__ import annotations
@@ -75,13 +76,16 @@ def as_written(recipe: Recipe) -> dict:
     return data
 
 
+def _common(recipe: Recipe) -> dict:
+    """What every candidate keeps of the user's recipe."""
+    return {k: v for k, v in as_written(recipe).items() if k not in ("sweep", "stages", "augment", "tracking")}
+
+
 def candidates(recipe: Recipe, boundaries: list[str], head_input: str, maps: set[str], output_dir: Path) -> list[Candidate]:
     """Every measurement's recipe. `boundaries` in execution order, `head_input` last among them;
     `maps`: the boundaries whose output is a (C, H, W) map (pooled for a probe); any other
     boundary but the head's input has no probe of its own (a token sequence is not pooled)."""
-    base = as_written(recipe)
-    for key in ("sweep", "stages", "augment"):
-        base.pop(key, None)
+    base = _common(recipe)
     surgery, head = base.get("surgery", []), base.get("head", {})
 
     def make(cid: str, kind: str, boundary: str, **changes) -> Candidate:
@@ -111,9 +115,7 @@ def unfreeze_candidates(recipe: Recipe, boundaries: list[str], head_input: str, 
     same head that probe fitted, without choosing again."""
     if not recipe.sweep.unfreeze:
         return []
-    base = as_written(recipe)
-    for key in ("sweep", "stages", "augment"):
-        base.pop(key, None)
+    base = _common(recipe)
     tuned = {**SWEEP_UNFREEZE_DEFAULTS,
              **(recipe.sweep.fine_tune.model_dump(exclude_none=True) if recipe.sweep.fine_tune else {})}
     head = {"name": "head", **({"fine_tune": {"weight_decay": head_l2}} if head_l2 else {})}
@@ -128,8 +130,12 @@ def unfreeze_candidates(recipe: Recipe, boundaries: list[str], head_input: str, 
     return out
 
 
-def recommended_text(candidate: Candidate, output_dir: Path, note: str) -> str:
-    """The winner's recipe, training into `output_dir`, with a comment saying where it came from."""
+def recommended_text(recipe: Recipe, candidate: Candidate, output_dir: Path, note: str) -> str:
+    """The winner's recipe, training into `output_dir` and logging where the user's recipe logs,
+    with a comment saying where it came from."""
     data = yaml.safe_load(candidate.text)
     data["output_dir"] = str(output_dir)
+    if "tracking" in as_written(recipe):
+        data["tracking"] = as_written(recipe)["tracking"]
+    data = {key: data[key] for key in Recipe.model_fields if key in data}
     return "".join(f"# {line}\n" for line in note.splitlines()) + yaml.safe_dump(data, sort_keys=False)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 from tlcli.config.reading import anchored, dump_recipe
 from tlcli.config.schema import Recipe
@@ -79,6 +78,7 @@ def sweep(recipe: Recipe, reporter: Reporter = Reporter(), force: bool = False, 
     shapes = graph.output_shapes(len(plan.network.preprocess.mean), plan.network.preprocess.size)
     maps = {b for b in boundaries if len(shapes.get(graph.resolve(b), ())) == 3}
     with where.exclusive():
+        where.check_state(recipe_text, force, resume)  # again under the lock: another sweep may have finished
         where.start(recipe_text, resume)
         made = candidates(recipe, boundaries, top, maps, where.path / "candidates")
         # The unfreeze candidates' caches are the probes' (their head's) and the base's at each
@@ -152,5 +152,5 @@ def _write_outputs(where: SweepDir, recipe: Recipe, boundaries: list[str], rows:
             f"val accuracy {choice.val_acc:.4f}\n"
             f"({choice.trainable_params:,} trainable parameters). The sweep's table: {where / TABLE}\n"
             f"tl fit {where / RECOMMENDED} reuses the sweep's feature caches.")
-    return where.write_text(RECOMMENDED, recommended_text(winner, where.recommended_run, note))
+    return where.write_text(RECOMMENDED, recommended_text(recipe, winner, where.recommended_run, note))
 

@@ -91,6 +91,10 @@ class SweepDir:
                 not self.run.is_run() and any(p.name != "tl-run.lock" for p in self.run.path.iterdir()))):
             raise RunError(f"{self.run.path} is not a tl run directory (no {MARKER}); tl only writes into its own: "
                            "choose another output_dir, or empty this one")
+        self.check_state(recipe_text, force, resume)
+
+    def check_state(self, recipe_text: str, force: bool, resume: bool) -> None:
+        """A finished sweep is kept without --force; an interrupted one is resumed or started over."""
         started = (self.path / RECIPE).is_file()
         if resume:
             if self.finished():

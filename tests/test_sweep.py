@@ -1,0 +1,228 @@
+"""`tl sweep` on the tiny model: the table, the JSON, the picture, a recommendation that fits from
+the sweep's caches, the test split never read, the one pass's bits, resume after a kill, refusals."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from conftest import invoke, tiny_recipe, write_recipe
+from killing import files_appeared, kill_when, seeded, start
+
+KINDS = {"probe", "multi-depth", "unfreeze"}
+
+
+def sweep_recipe(tmp_path: Path, **sweep) -> Path:
+    recipe = tiny_recipe(tmp_path, freeze={"until": "flatten"}, fine_tune={"optimizer": "auto", "epochs": 3},
+                         sweep=sweep or None)
+    recipe["data"]["split"] = {"val": 0.2, "test": 0.2, "seed": 0}
+    return write_recipe(tmp_path / "recipe.yaml", recipe)
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    """One sweep, shared: (recipe path, the --json object, the human output)."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    path = sweep_recipe(tmp)
+    result = invoke("sweep", path, "--json")
+    assert result.exit_code == 0, result.output
+    return path, json.loads(result.stdout), result.stderr
+
+
+def test_the_sweep_measures_every_boundary_and_says_so_in_one_json_object(swept):
+    path, out, text = swept
+    assert out["ok"] and out["boundaries"] == ["stem", "block", "flatten"]
+    kinds = {(r["kind"], r["boundary"]) for r in out["rows"]}
+    assert {("probe", b) for b in ("stem", "block", "flatten")} <= kinds
+    assert {("unfreeze", "stem"), ("unfreeze", "block")} <= kinds
+    assert ("multi-depth", "stem+block+flatten") in kinds
+    for row in out["rows"]:
+        assert 0 <= row["val_acc"] <= 1 and row["trainable_params"] > 0 and row["cache_bytes"] > 0
+    # The table is on stderr under --json, with the choice marked; stdout held one object.
+    choice = next(r for r in out["rows"] if r["id"] == out["choice"])
+    assert any(line.startswith("*") and choice["kind"] in line for line in text.splitlines())
+    sweep_dir = Path(out["sweep_dir"])
+    assert (sweep_dir / "table.txt").read_text().splitlines()[0].split()[:2] == ["measurement", "boundary"]
+    assert (sweep_dir / "accuracy_vs_depth.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((sweep_dir / "sweep.json").read_text())["choice"] == out["choice"]
+
+
+def test_the_choice_is_the_best_on_val_with_ties_to_fewer_parameters(swept):
+    _, out, _ = swept
+    best = max(r["val_acc"] for r in out["rows"])
+    choice = next(r for r in out["rows"] if r["id"] == out["choice"])
+    assert choice["val_acc"] == best
+    assert choice["trainable_params"] == min(r["trainable_params"] for r in out["rows"] if r["val_acc"] == best)
+
+
+def test_ties_within_sweep_tie_go_to_fewer_trainable_parameters():
+    from tlcli.engine.sweep import choose
+    from tlcli.run.sweepdir import SweepRow
+
+    def row(cid, acc, params):
+        return SweepRow(id=cid, kind="probe", boundary=cid, trainable_params=params, cache_bytes=1, val_acc=acc,
+                        seconds=0, recipe_text="")
+
+    rows = [row("a", 0.90, 100), row("b", 0.92, 5000), row("c", 0.915, 200)]
+    assert choose(rows, 0.0).id == "b"
+    assert choose(rows, 0.01).id == "c"
+    assert choose(rows, 0.05).id == "a"
+
+
+def test_the_recommended_recipe_validates_and_fits_from_the_sweeps_caches(swept):
+    _, out, _ = swept
+    recommended = Path(out["recommended"])
+    assert invoke("validate", recommended).exit_code == 0
+    fitted = invoke("fit", recommended, "--json")
+    assert fitted.exit_code == 0, fitted.output
+    assert "feature cache hit" in fitted.stderr and "feature cache written" not in fitted.stderr
+    choice = next(r for r in out["rows"] if r["id"] == out["choice"])
+    # The same recipe, the same caches, the same seed: the sweep's measurement, reproduced.
+    assert json.loads(fitted.stdout)["final"]["val_acc"] == choice["val_acc"]
+    assert json.loads(fitted.stdout)["run_dir"] == str(Path(out["sweep_dir"]).parent / "recommended")
+
+
+def test_an_unfreeze_recommendation_is_two_stages_that_fit_from_the_caches(swept):
+    """Every candidate's recipe is one a user could run: the LP-FT ones fit without featurizing."""
+    _, out, _ = swept
+    candidate = Path(out["sweep_dir"]) / "candidates" / "unfreeze-stem.yaml"
+    recipe = yaml.safe_load(candidate.read_text())
+    assert [s["name"] for s in recipe["stages"]] == ["head", "unfreeze"]
+    assert recipe["stages"][1]["freeze"] == {"until": "stem"} and recipe["stages"][1]["input"] == "cache"
+    recipe["output_dir"] = str(candidate.parent / "again")
+    fitted = invoke("fit", write_recipe(candidate.parent / "again.yaml", recipe), "--json")
+    assert fitted.exit_code == 0, fitted.output
+    assert "feature cache written" not in fitted.stderr
+    row = next(r for r in out["rows"] if r["id"] == "unfreeze-stem")
+    assert json.loads(fitted.stdout)["final"]["val_acc"] == row["val_acc"]
+
+
+def test_the_one_pass_writes_the_bits_tl_featurize_writes(swept, tmp_path):
+    """The sweep's union extractor against each candidate's own, through `tl featurize`."""
+    _, out, _ = swept
+    candidates = Path(out["sweep_dir"]) / "candidates"
+    for name in ("probe-block", "multi-depth", "unfreeze-block"):
+        recipe = yaml.safe_load((candidates / f"{name}.yaml").read_text())
+        sweep_cache = Path(recipe["cache"]["dir"])
+        recipe["cache"]["dir"] = str(tmp_path / name)
+        recipe["output_dir"] = str(tmp_path / f"run-{name}")
+        if "stages" in recipe:  # the second stage's cache: the base frozen at the boundary, every split
+            recipe["freeze"], recipe["stages"] = recipe["stages"][1]["freeze"], []
+        featurized = invoke("featurize", write_recipe(tmp_path / f"{name}.yaml", recipe), "--json")
+        assert featurized.exit_code == 0, featurized.output
+        (cache,) = json.loads(featurized.stdout)["caches"]
+        mine = sorted(Path(cache["path"]).glob("*.safetensors"))
+        assert mine and len(mine) == len(list((sweep_cache / cache["key"]).glob("*.safetensors")))
+        for shard in mine:
+            theirs = load_file(str(sweep_cache / cache["key"] / shard.name))
+            for key, tensor in load_file(str(shard)).items():
+                assert tensor.dtype == theirs[key].dtype and tensor.equal(theirs[key]), (name, shard.name, key)
+
+
+def test_the_test_split_is_never_read_while_choosing(tmp_path, monkeypatch):
+    from tlcli import api
+    from tlcli.engine.cache import FeatureCache
+
+    read = []
+    original = FeatureCache.read_shard
+    monkeypatch.setattr(FeatureCache, "read_shard", lambda self, name: read.append(name) or original(self, name))
+    result = api.sweep(sweep_recipe(tmp_path, unfreeze=False))
+    assert result.rows and read
+    assert not [name for name in read if name.startswith("test-")]
+    assert any(name.startswith("val-") for name in read)
+
+
+def test_boundaries_the_recipe_names_are_checked_at_their_line(tmp_path):
+    path = sweep_recipe(tmp_path, boundaries=["stem", "blok"])
+    result = invoke("sweep", path)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    (line,) = [l for l in result.stderr.splitlines() if "sweep.boundaries.1" in l]
+    assert line.startswith(f"error: {path}:") and "unknown node 'blok'" in line and "did you mean 'block'" in line
+
+
+def test_named_boundaries_are_swept_with_the_heads_input(tmp_path):
+    result = invoke("sweep", sweep_recipe(tmp_path, boundaries=["block"], unfreeze=False), "--json")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["boundaries"] == ["block", "flatten"]
+    assert {r["kind"] for r in out["rows"]} == {"probe", "multi-depth"}
+
+
+def test_a_finished_sweep_is_kept_unless_forced_and_force_removes_only_the_sweeps_files(swept):
+    path, out, _ = swept
+    sweep_dir = Path(out["sweep_dir"])
+    again = invoke("sweep", path)
+    assert again.exit_code == 1 and "already holds a finished sweep; pass --force" in again.stderr
+    mine = sweep_dir / "notes.txt"
+    mine.write_text("the user's")
+    forced = invoke("sweep", path, "--force", "--json")
+    assert forced.exit_code == 0, forced.output
+    assert mine.read_text() == "the user's"
+    assert [r["val_acc"] for r in json.loads(forced.stdout)["rows"]] == [r["val_acc"] for r in out["rows"]]
+
+
+def test_a_sweep_never_writes_into_a_directory_that_is_not_tls(tmp_path):
+    path = sweep_recipe(tmp_path)
+    theirs = tmp_path / "run"
+    theirs.mkdir()
+    (theirs / "data.csv").write_text("keep me")
+    for flags in ((), ("--force",)):
+        result = invoke("sweep", path, *flags)
+        assert result.exit_code == 1 and "not a tl run directory" in result.stderr
+    assert [p.name for p in theirs.iterdir()] == ["data.csv"]
+
+
+@pytest.mark.slow
+def test_a_sweep_killed_after_a_measurement_resumes_and_keeps_it(tmp_path):
+    seed, rng = seeded("sweep-kill")
+    k = rng.randint(1, 3)
+    print(f"sweep kill test (seed {seed}): killed after measurement {k}")
+    path = sweep_recipe(tmp_path)
+    rows = tmp_path / "run" / "sweep" / "rows"
+    proc = start(["sweep", path], cwd=tmp_path)
+    assert kill_when(proc, files_appeared(lambda: list(rows.glob("*.json")), k)), "the kill landed after the sweep"
+    assert not (tmp_path / "run" / "sweep" / "sweep.json").exists()
+    kept = {p.name for p in rows.glob("*.json")}
+    refused = invoke("sweep", path)
+    assert refused.exit_code == 1 and "interrupted sweep; pass --resume" in refused.stderr
+    resumed = subprocess.run([sys.executable, "-m", "tlcli", "sweep", str(path), "--resume", "--json"],
+                             capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stderr.count("kept from the interrupted sweep") == len(kept) >= k
+    fresh = invoke("sweep", sweep_recipe(tmp_path / "fresh"), "--json")
+    assert [(r["id"], r["val_acc"]) for r in json.loads(resumed.stdout)["rows"]] == \
+        [(r["id"], r["val_acc"]) for r in json.loads(fresh.stdout)["rows"]]
+
+
+def test_resuming_a_sweep_needs_the_same_recipe(tmp_path):
+    path = sweep_recipe(tmp_path, unfreeze=False)
+    sweep_dir = tmp_path / "run" / "sweep"
+    sweep_dir.mkdir(parents=True)
+    (tmp_path / "run" / "tl-run.json").write_text('{"tl_version": "0"}')
+    (sweep_dir / "recipe.yaml").write_text("another recipe\n")
+    result = invoke("sweep", path, "--resume")
+    assert result.exit_code == 1 and "the recipe changed since this sweep started" in result.stderr
+
+
+def test_default_boundaries_follow_each_familys_blocks():
+    from tlcli.config.reading import parse_recipe
+    from tlcli.model.build import build_network
+    from tlcli.model.depths import default_boundaries
+
+    def boundaries(zoo, model):
+        recipe = parse_recipe(yaml.safe_dump({"base": {"zoo": zoo, "model": model, "weights": "none"},
+                                              "data": {"dataset": "digits"}, "output_dir": "runs/x"}))
+        network = build_network(recipe, [str(i) for i in range(10)])
+        return default_boundaries(network.graph, network.head_layer)
+
+    assert boundaries("timm", "tf_efficientnet_lite0") == ["blocks.2", "blocks.3", "blocks.4", "blocks.5", "blocks.6",
+                                                            "global_pool.flatten"]
+    assert boundaries("torchvision", "resnet18") == ["layer1", "layer2", "layer3", "layer4", "flatten"]
+    assert boundaries("timm", "vit_tiny_patch16_224") == ["blocks.3", "blocks.5", "blocks.7", "blocks.9", "blocks.11",
+                                                           "fc_norm"]
