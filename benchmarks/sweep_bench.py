@@ -5,8 +5,8 @@
 Builds three labelled image folders offline, each split on disk into train/ and test/
 (val is carved from train by tl), at three distances from ImageNet:
   digits    scikit-learn's digits as white-on-black PNGs (far),
-  textures  48-px patches of scikit-image's brick, grass, gravel, cell, moon, page, coins, clock (middle),
-  photos    crops of scikit-image's astronaut, chelsea, coffee, rocket and camera photos (near).
+  textures  16-px patches of scikit-image's brick, grass, gravel, cell, moon, page, coins, clock (middle),
+  photos    24-48 px crops of scikit-image's astronaut, chelsea, coffee, rocket and camera photos (near).
 On each, with the embedded Lite0 at 112 px (the quickstart's size, for this 2-core CPU):
   default      the recipe frozen below its head (tl featurize + tl fit), timed, scored on test;
   sweep        tl sweep of the same recipe from an empty cache, timed;
@@ -79,14 +79,14 @@ def textures_folder(root: Path) -> Path:
     import skimage.data as d
 
     names = ("brick", "grass", "gravel", "cell", "moon", "page", "coins", "clock")
-    return _patches({n: getattr(d, n)() for n in names}, root, per_class=100, size=48, out=48)
+    return _patches({n: getattr(d, n)() for n in names}, root, per_class=100, size=16, out=32)
 
 
 def photos_folder(root: Path) -> Path:
     import skimage.data as d
 
     names = ("astronaut", "chelsea", "coffee", "rocket", "camera")
-    return _patches({n: getattr(d, n)() for n in names}, root, per_class=120, size=160, out=96, scale=(0.5, 1.0))
+    return _patches({n: getattr(d, n)() for n in names}, root, per_class=120, size=48, out=64, scale=(0.5, 1.0))
 
 
 FOLDERS = {"digits": (digits_folder, "far"), "textures": (textures_folder, "middle"), "photos": (photos_folder, "near")}
@@ -137,9 +137,21 @@ def bench(name: str) -> dict:
             "tested": tested, "table": (Path(result["sweep_dir"]) / "table.txt").read_text()}
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
+    import os
+
     names = sys.argv[1:] or list(FOLDERS)
-    print(f"machine: {platform.processor() or platform.machine()}, {sys.platform}; Lite0 at 112 px, CPU")
+    print(f"machine: {cpu_name()}, {len(os.sched_getaffinity(0))} cores; Lite0 at 112 px on the CPU")
     results = [bench(name) for name in names]
     for r in results:
         print(f"\n== {r['name']} ({r['distance']} from ImageNet, {r['images']} images): sweep table (val)")
