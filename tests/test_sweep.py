@@ -53,6 +53,15 @@ def test_the_sweep_measures_every_boundary_and_says_so_in_one_json_object(swept)
     assert json.loads((sweep_dir / "sweep.json").read_text())["choice"] == out["choice"]
 
 
+def test_one_pass_writes_every_cache_with_every_split_and_the_fits_write_none(swept):
+    """The candidates' fits (their head stages read train and val only) find the pass's caches."""
+    path, _, _ = swept
+    manifests = list((path.parent / "cache").glob("*/manifest.json"))
+    assert len(manifests) == 6  # probes at stem, block, flatten; multi-depth; the base at stem and block
+    for manifest in manifests:
+        assert sorted(json.loads(manifest.read_text())["splits"]) == ["test", "train", "val"], manifest
+
+
 def test_the_choice_is_the_best_on_val_with_ties_to_fewer_parameters(swept):
     _, out, _ = swept
     best = max(r["val_acc"] for r in out["rows"])
@@ -226,3 +235,25 @@ def test_default_boundaries_follow_each_familys_blocks():
     assert boundaries("torchvision", "resnet18") == ["layer1", "layer2", "layer3", "layer4", "flatten"]
     assert boundaries("timm", "vit_tiny_patch16_224") == ["blocks.3", "blocks.5", "blocks.7", "blocks.9", "blocks.11",
                                                            "fc_norm"]
+
+
+@pytest.mark.real
+def test_on_lite0_the_one_pass_writes_the_bits_tl_featurize_writes(tmp_path):
+    """The same check on the real network: its depthwise blocks, its pooled branches and their
+    concatenation, as the shipped default's sweep computes them."""
+    recipe = {"base": {"zoo": "timm", "model": "tf_efficientnet_lite0", "weights": "embedded", "input_size": 64},
+              "data": {"dataset": "digits", "limit": 120, "split": {"val": 0.2, "test": 0.2, "seed": 0}},
+              "freeze": {"until": "global_pool"}, "sweep": {"boundaries": ["blocks.4"], "unfreeze": False},
+              "cache": {"dir": str(tmp_path / "cache")}, "output_dir": str(tmp_path / "run"), "device": "cpu"}
+    result = invoke("sweep", write_recipe(tmp_path / "recipe.yaml", recipe), "--json")
+    assert result.exit_code == 0, result.output
+    candidates = Path(json.loads(result.stdout)["sweep_dir"]) / "candidates"
+    for name in ("probe-blocks.4", "multi-depth"):
+        mine = yaml.safe_load((candidates / f"{name}.yaml").read_text())
+        mine["cache"]["dir"], mine["output_dir"] = str(tmp_path / name), str(tmp_path / f"run-{name}")
+        featurized = invoke("featurize", write_recipe(tmp_path / f"{name}.yaml", mine), "--json")
+        (cache,) = json.loads(featurized.stdout)["caches"]
+        for shard in Path(cache["path"]).glob("*.safetensors"):
+            theirs = load_file(str(tmp_path / "cache" / cache["key"] / shard.name))
+            for key, tensor in load_file(str(shard)).items():
+                assert tensor.equal(theirs[key]), (name, shard.name, key)
