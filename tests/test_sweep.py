@@ -155,6 +155,14 @@ def test_boundaries_the_recipe_names_are_checked_at_their_line(tmp_path):
     assert line.startswith(f"error: {path}:") and "unknown node 'blok'" in line and "did you mean 'block'" in line
 
 
+def test_a_sweep_error_under_json_is_one_object_naming_every_problem(tmp_path):
+    path = sweep_recipe(tmp_path, boundaries=["blok", "flatten", "nope"])
+    result = invoke("sweep", path, "--json")
+    obj = json.loads(result.stdout)
+    assert result.exit_code == 1 and obj["ok"] is False and obj["exit_code"] == 1
+    assert [e.split(": ")[1] for e in obj["errors"]] == ["sweep.boundaries.0", "sweep.boundaries.2"]
+
+
 def test_named_boundaries_are_swept_with_the_heads_input(tmp_path):
     result = invoke("sweep", sweep_recipe(tmp_path, boundaries=["block"], unfreeze=False), "--json")
     assert result.exit_code == 0, result.output
