@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tlcli.config.reading import anchored, dump_recipe
-from tlcli.config.schema import Recipe
+from tlcli.config.schema import FreezeSpec, Recipe
 from tlcli.config.sweep import Candidate, candidates, recommended_text, unfreeze_candidates
 from tlcli.engine.plan import Plan, make_plan
-from tlcli.engine.sweep_cache import fill_caches, stage_cache
+from tlcli.engine.sweep_cache import fill_caches, view_cache
 from tlcli.engine.train import fit_plan
 from tlcli.errors import SpecError, TLError
 from tlcli.model.build import build_network
@@ -81,12 +81,13 @@ def sweep(recipe: Recipe, reporter: Reporter = Reporter(), force: bool = False, 
         where.check_state(recipe_text, force, resume)  # again under the lock: another sweep may have finished
         where.start(recipe_text, resume)
         made = candidates(recipe, boundaries, top, maps, where.path / "candidates")
-        # The unfreeze candidates' caches are the probes' (their head's) and the base's at each
-        # boundary; planned with the L2 of no probe yet, they key the same caches.
-        later = unfreeze_candidates(recipe, boundaries, top, None, where.path / "candidates")
-        plans = {c.id: _planned(c, plan, where) for c in [*made, *later]}
+        plans = {c.id: _planned(c, plan, where) for c in made}
+        # The unfreeze candidates train from the default probe's cache, then from the base's at
+        # each boundary: the default's network frozen there (the same frozen weights and graph).
+        default = plans[made[0].id].network
+        below = [default.with_freeze(FreezeSpec(until=b)) for b in boundaries if b != top and recipe.sweep.unfreeze]
         union = plans.get("multi-depth", plans[made[0].id])
-        caches = fill_caches(union, list(plans.values()), reporter, force=force)
+        caches = fill_caches(union, list(plans.values()), reporter, force=force, more=below)
         rows = [_measured(c, plans[c.id], caches, where, reporter) for c in made]
         later = unfreeze_candidates(recipe, boundaries, top, rows[0].l2, where.path / "candidates")
         rows += [_measured(c, _planned(c, plan, where), caches, where, reporter) for c in later]
@@ -114,7 +115,7 @@ def _measured(candidate: Candidate, plan: Plan, caches: dict, where: SweepDir, r
         reporter.info(f"{candidate.id}: kept from the interrupted sweep (val_acc {kept.val_acc:.4f})")
         return kept
     result = fit_plan(plan, _Quiet(reporter, candidate.id), force=True)
-    key = stage_cache(plan, plan.stages[-1]).key
+    key = view_cache(plan.network.for_stage(plan.stages[-1]), plan).key
     cache_bytes = sum(s["bytes"] for split in caches[key].manifest["splits"].values() for s in split["shards"])
     row = SweepRow(id=candidate.id, kind=candidate.kind, boundary=candidate.boundary,
                    trainable_params=result.stages[-1].trainable_params, cache_bytes=cache_bytes,

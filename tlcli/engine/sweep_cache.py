@@ -23,6 +23,7 @@ from tlcli.engine.cache import FeatureCache, ShardWriter, build_lock, cache_key,
 from tlcli.engine.features import _components, _Extractor, _start_build, featurize
 from tlcli.engine.plan import Plan
 from tlcli.data.pipeline import ImageLoader, decode_threads, jpeg_decoder
+from tlcli.errors import out_of_memory
 from tlcli.files import file_lock
 from tlcli.model.graph import Split, frozen_extractor, split_at
 from tlcli.model.network import Network
@@ -41,30 +42,30 @@ class Wanted:
     view: Network  # the candidate's network under that stage's split
 
 
-def stage_cache(plan: Plan, stage) -> Wanted:
-    """The cache a candidate's cache stage trains from, keyed with every split (`tl fit` finds it)."""
-    view = plan.network.for_stage(stage)
+def view_cache(view: Network, plan: Plan) -> Wanted:
+    """The cache `view`'s frozen part fills on `plan`'s data, keyed with every split: the key
+    `tl fit` of a recipe frozen there finds."""
     components = _components(plan.data.identity(jpeg_decoder(plan.device)), view.frozen_identity(view.extractor()),
                              plan.recipe.cache.dtype, list(plan.data.splits))
     return Wanted(cache_key(components), components, view.split.frontier_names, view)
 
 
-def wanted_caches(plans: list[Plan]) -> dict[str, Wanted]:
-    """Every distinct cache the candidates' cache stages read."""
+def wanted_caches(plans: list[Plan], more: list[Network] = ()) -> dict[str, Wanted]:
+    """Every distinct cache the plans' cache stages read, and those of the `more` views."""
     wanted: dict[str, Wanted] = {}
     for plan in plans:
-        for stage in plan.stages:
-            if stage.input == "cache":
-                w = stage_cache(plan, stage)
-                wanted.setdefault(w.key, w)
+        for view in [*(plan.network.for_stage(s) for s in plan.stages if s.input == "cache"), *more]:
+            w = view_cache(view, plan)
+            wanted.setdefault(w.key, w)
     return wanted
 
 
-def fill_caches(union: Plan, plans: list[Plan], reporter: Reporter, force: bool = False) -> dict[str, FeatureCache]:
-    """Every candidate's cache, built when missing (all forced with `force`) in one pass of
-    `union`'s network; the complete caches by key."""
+def fill_caches(union: Plan, plans: list[Plan], reporter: Reporter, force: bool = False,
+                more: list[Network] = ()) -> dict[str, FeatureCache]:
+    """Every candidate's cache, and those of the `more` views (of the first plan's network), built
+    when missing (all forced with `force`) in one pass of `union`'s network; the complete caches by key."""
     cache_dir = Path(union.recipe.cache.dir)
-    wanted = wanted_caches(plans)
+    wanted = {**wanted_caches(plans), **wanted_caches(plans[:1], more)}
     graph = union.network.graph
     alone = [w for w in wanted.values() if any(name not in graph.by_name for name in w.frontier)]
     together = {k: w for k, w in wanted.items() if w not in alone}
@@ -74,7 +75,8 @@ def fill_caches(union: Plan, plans: list[Plan], reporter: Reporter, force: bool 
         # Under the locks: a cache another process finished meanwhile is not built again.
         tmps = {key: Path(t) for key in sorted(together) if (t := _start_build(cache_dir / key, key, force)) is not None}
         if tmps:
-            _one_pass(union, [together[k] for k in tmps], tmps, reporter)
+            with out_of_memory(f"featurizing (batch {union.recipe.data.batch_size})", "lower data.batch_size"):
+                _one_pass(union, [together[k] for k in tmps], tmps, reporter)
     for w in alone:  # not in the union's graph: its own pass, as tl featurize makes it
         featurize(w.view, union.data, union.device, union.recipe.cache, union.recipe.data, reporter, force=force)
     return {key: open_cache(cache_dir / key) for key in wanted}
