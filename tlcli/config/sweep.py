@@ -55,6 +55,11 @@ def _pooled(boundary: str) -> list[dict]:
             {"add": {"name": _flat(boundary), "type": "flatten", "inputs": [f"sweep_pool_{name}"]}}]
 
 
+def _as_text(data: dict) -> str:
+    """A recipe mapping as YAML, its sections in the reference's order."""
+    return yaml.safe_dump({key: data[key] for key in Recipe.model_fields if key in data}, sort_keys=False)
+
+
 def _new_head(inputs: str) -> list[dict]:
     return [{"add": {"name": HEAD, "type": "linear", "inputs": [inputs]}}, {"outputs": [HEAD]}]
 
@@ -89,9 +94,7 @@ def candidates(recipe: Recipe, boundaries: list[str], head_input: str, maps: set
     surgery, head = base.get("surgery", []), base.get("head", {})
 
     def make(cid: str, kind: str, boundary: str, **changes) -> Candidate:
-        data = {**base, **changes, "output_dir": str(output_dir / cid)}
-        data = {key: data[key] for key in Recipe.model_fields if key in data}  # the reference's order
-        return Candidate(cid, kind, boundary, yaml.safe_dump(data, sort_keys=False))
+        return Candidate(cid, kind, boundary, _as_text({**base, **changes, "output_dir": str(output_dir / cid)}))
 
     out = [make(f"probe-{head_input}", "probe", head_input, freeze={"until": head_input})]
     below = [b for b in boundaries if b != head_input]
@@ -125,17 +128,15 @@ def unfreeze_candidates(recipe: Recipe, boundaries: list[str], head_input: str, 
         stages = [head, {"name": "unfreeze", "freeze": {"until": b}, "input": "cache", "epochs": recipe.sweep.epochs,
                          "fine_tune": tuned}]
         data = {**base, "freeze": {"until": head_input}, "stages": stages, "output_dir": str(output_dir / cid)}
-        data = {key: data[key] for key in Recipe.model_fields if key in data}
-        out.append(Candidate(cid, "unfreeze", b, yaml.safe_dump(data, sort_keys=False)))
+        out.append(Candidate(cid, "unfreeze", b, _as_text(data)))
     return out
 
 
 def recommended_text(recipe: Recipe, candidate: Candidate, output_dir: Path, note: str) -> str:
     """The winner's recipe, training into `output_dir` and logging where the user's recipe logs,
     with a comment saying where it came from."""
-    data = yaml.safe_load(candidate.text)
-    data["output_dir"] = str(output_dir)
-    if "tracking" in as_written(recipe):
-        data["tracking"] = as_written(recipe)["tracking"]
-    data = {key: data[key] for key in Recipe.model_fields if key in data}
-    return "".join(f"# {line}\n" for line in note.splitlines()) + yaml.safe_dump(data, sort_keys=False)
+    data = {**yaml.safe_load(candidate.text), "output_dir": str(output_dir)}
+    tracking = as_written(recipe).get("tracking")
+    if tracking is not None:
+        data["tracking"] = tracking
+    return "".join(f"# {line}\n" for line in note.splitlines()) + _as_text(data)
