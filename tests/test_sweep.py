@@ -62,26 +62,59 @@ def test_one_pass_writes_every_cache_with_every_split_and_the_fits_write_none(sw
         assert sorted(json.loads(manifest.read_text())["splits"]) == ["test", "train", "val"], manifest
 
 
-def test_the_choice_is_the_best_on_val_with_ties_to_fewer_parameters(swept):
+def test_every_probe_is_cross_validated_and_the_choice_follows_the_rule(swept):
+    """The probes fitted as probes (L-BFGS, an L2) carry a cross-validated accuracy; the unfreeze
+    rows and the tiny model's own head (dropout, then Linear: adam) none. The JSON's choice is
+    `choose` of the JSON's own rows: the rows saved are the rows chosen from."""
+    from tlcli.engine.sweep import choose
+    from tlcli.run.sweepdir import SweepRow
+
     _, out, _ = swept
-    best = max(r["val_acc"] for r in out["rows"])
-    choice = next(r for r in out["rows"] if r["id"] == out["choice"])
-    assert choice["val_acc"] == best
-    assert choice["trainable_params"] == min(r["trainable_params"] for r in out["rows"] if r["val_acc"] == best)
+    for row in out["rows"]:
+        assert (row["cv_acc"] is None) == (row["kind"] == "unfreeze" or row["l2"] is None), row
+    assert sum(row["cv_acc"] is not None for row in out["rows"]) == 3  # at stem, at block, multi-depth
+    rows = [SweepRow(**r, recipe_text="") for r in out["rows"]]
+    assert out["choice"] == choose(rows, 0.0).id
+
+
+def _row(cid, val, params, cv=None, kind="probe"):
+    from tlcli.run.sweepdir import SweepRow
+
+    return SweepRow(id=cid, kind=kind, boundary=cid, trainable_params=params, cache_bytes=1, val_acc=val, cv_acc=cv,
+                    seconds=0, recipe_text="")
 
 
 def test_ties_within_sweep_tie_go_to_fewer_trainable_parameters():
     from tlcli.engine.sweep import choose
-    from tlcli.run.sweepdir import SweepRow
 
-    def row(cid, acc, params):
-        return SweepRow(id=cid, kind="probe", boundary=cid, trainable_params=params, cache_bytes=1, val_acc=acc,
-                        seconds=0, recipe_text="")
-
-    rows = [row("a", 0.90, 100), row("b", 0.92, 5000), row("c", 0.915, 200)]
+    rows = [_row("a", 0.5, 100, cv=0.90), _row("b", 0.5, 5000, cv=0.92), _row("c", 0.5, 200, cv=0.915)]
     assert choose(rows, 0.0).id == "b"
     assert choose(rows, 0.01).id == "c"
     assert choose(rows, 0.05).id == "a"
+    # Without a cross-validated score (rows not in memory), a probe is scored on val.
+    rows = [_row("a", 0.90, 100), _row("b", 0.92, 5000), _row("c", 0.915, 200)]
+    assert [choose(rows, t).id for t in (0.0, 0.01, 0.05)] == ["b", "c", "a"]
+
+
+def test_a_probe_lucky_on_val_loses_to_the_one_that_cross_validates_better():
+    from tlcli.engine.sweep import choose
+
+    rows = [_row("default", 0.95, 900, cv=0.94), _row("lucky", 0.99, 100, cv=0.92), _row("steady", 0.96, 300, cv=0.97)]
+    assert choose(rows, 0.0).id == "steady"
+
+
+def test_an_unfreeze_wins_only_by_beating_the_chosen_probe_on_the_same_val_images():
+    from tlcli.engine.sweep import choose
+
+    probes = [_row("lucky", 0.99, 100, cv=0.92), _row("steady", 0.95, 300, cv=0.97)]
+    ahead = _row("unfreeze-a", 0.97, 10**6, kind="unfreeze")
+    # 0.97 on val is below the lucky probe's val, but that probe was not chosen: the steady one's is the bar.
+    assert choose([*probes, ahead], 0.0).id == "unfreeze-a"
+    assert choose([*probes, ahead], 0.03).id == "steady"  # not better by more than the tie
+    assert choose([*probes, _row("unfreeze-b", 0.95, 10**6, kind="unfreeze")], 0.0).id == "steady"  # equal is not better
+    both = [*probes, ahead, _row("unfreeze-c", 0.975, 2 * 10**6, kind="unfreeze")]
+    assert choose(both, 0.0).id == "unfreeze-c"
+    assert choose(both, 0.01).id == "unfreeze-a"  # within the tie of the best unfreeze: fewer parameters
 
 
 def test_the_recommended_recipe_validates_and_fits_from_the_sweeps_caches(swept):

@@ -5,9 +5,8 @@ candidate boundaries (`model.depths`), makes one recipe per measurement
 (`config.sweep`) and plans each on the same data. One pass fills every cache
 the candidates train from (`engine.sweep_cache`); then each candidate is
 fitted as a tl run in RUN_DIR/sweep/candidates/ID/, from its cache, and
-scored on the val split: the test split is never read while choosing. The
-most accurate on val wins, ties (within `sweep.tie`) going to fewer trainable
-parameters; its recipe is RUN_DIR/sweep/recommended.yaml, which a `tl fit`
+scored on the val split; each probe is also cross-validated over train+val.
+The test split is never read while choosing (`choose`). Its recipe is RUN_DIR/sweep/recommended.yaml, which a `tl fit`
 trains from the same caches. A killed sweep resumes with --resume: every
 finished measurement is kept (rows/ID.json), the one that was running starts over.
 """
@@ -18,10 +17,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from tlcli.config.reading import anchored, dump_recipe
 from tlcli.config.schema import FreezeSpec, Recipe
 from tlcli.config.sweep import Candidate, candidates, recommended_text, unfreeze_candidates
 from tlcli.engine.plan import Plan, make_plan
+from tlcli.engine.probe import cross_validated
 from tlcli.engine.sweep_cache import fill_caches, view_cache
 from tlcli.engine.train import fit_plan
 from tlcli.errors import SpecError, TLError
@@ -114,33 +116,66 @@ def _measured(candidate: Candidate, plan: Plan, caches: dict, where: SweepDir, r
     if kept is not None:
         reporter.info(f"{candidate.id}: kept from the interrupted sweep (val_acc {kept.val_acc:.4f})")
         return kept
+    started = time.perf_counter()
     result = fit_plan(plan, _Quiet(reporter, candidate.id), force=True)
-    key = view_cache(plan.network.for_stage(plan.stages[-1]), plan).key
-    cache_bytes = sum(s["bytes"] for split in caches[key].manifest["splits"].values() for s in split["shards"])
+    cache = caches[view_cache(plan.network.for_stage(plan.stages[-1]), plan).key]
+    cache_bytes = sum(s["bytes"] for split in cache.manifest["splits"].values() for s in split["shards"])
+    l2 = result.stages[-1].l2
+    cv_acc = None
+    if candidate.kind != "unfreeze" and l2 is not None and len(cache.manifest["frontier"]) == 1:
+        cv_acc = _cross_validated(cache, l2, plan.recipe.data.split.seed)
     row = SweepRow(id=candidate.id, kind=candidate.kind, boundary=candidate.boundary,
                    trainable_params=result.stages[-1].trainable_params, cache_bytes=cache_bytes,
-                   val_acc=result.final["val_acc"], l2=result.stages[-1].l2, seconds=round(result.seconds, 3), recipe_text=candidate.text)
+                   val_acc=result.final["val_acc"], cv_acc=cv_acc, l2=l2,
+                   seconds=round(time.perf_counter() - started, 3), recipe_text=candidate.text)
     where.save_row(row)
     return row
 
 
+def _cross_validated(cache, l2: float, seed: int) -> float:
+    """The probe's 5-fold accuracy over the cache's train and val rows (held in memory: a probe's
+    rows are, or it would not have been fitted by L-BFGS with an L2)."""
+    rows = [(f[0], y) for split in ("train", "val") for f, y in cache.iterate(split)]
+    x, y = torch.cat([f for f, _ in rows]), torch.cat([y for _, y in rows])
+    return cross_validated(x, y, len(cache.manifest["class_names"]), l2_grid=(l2,), seed=seed)[0]
+
+
 def choose(rows: list[SweepRow], tie: float) -> SweepRow:
-    """The best val accuracy; among those within `tie` of it, the fewest trainable parameters
-    (then the earliest row: the default probe comes first)."""
-    best = max(r.val_acc for r in rows)
-    tied = [r for r in rows if r.val_acc >= best - tie - 1e-9]
-    return min(tied, key=lambda r: (r.trainable_params, rows.index(r)))
+    """The recommendation, in two steps, each comparing like with like:
+    1. the probes (each boundary's and the multi-depth one) by their accuracy cross-validated over
+       train+val (val accuracy where a probe has none): a val split of a few hundred images moves
+       by half a point per image, and the best of a dozen val scores is mostly luck;
+    2. an unfreeze-from-here replaces that probe only when it is more accurate on the same val
+       images, by more than `tie`; the best of those wins.
+    Within `tie` of the best, the fewest trainable parameters win (then the earliest row: the
+    default probe comes first)."""
+    def fewest(tied: list[SweepRow]) -> SweepRow:
+        return min(tied, key=lambda r: (r.trainable_params, rows.index(r)))
+
+    def score(r: SweepRow) -> float:
+        return r.val_acc if r.cv_acc is None else r.cv_acc
+
+    probes = [r for r in rows if r.kind != "unfreeze"]
+    best = max(map(score, probes))
+    probe = fewest([r for r in probes if score(r) >= best - tie - 1e-9])
+    better = [r for r in rows if r.kind == "unfreeze" and r.val_acc > probe.val_acc + tie + 1e-9]
+    if not better:
+        return probe
+    top = max(r.val_acc for r in better)
+    return fewest([r for r in better if r.val_acc >= top - tie - 1e-9])
 
 
 def table(rows: list[SweepRow], choice: SweepRow) -> str:
     """The rows as a fixed-width table, the choice marked."""
-    head = f"  {'measurement':<11} {'boundary':<28} {'trainable':>11} {'cache MB':>9} {'val acc':>8} {'seconds':>8}"
+    head = (f"  {'measurement':<11} {'boundary':<28} {'trainable':>11} {'cache MB':>9} {'val acc':>8} {'cv acc':>7} "
+            f"{'seconds':>8}")
     lines = [head]
     for r in rows:
         boundary = r.boundary if len(r.boundary) <= 28 else r.boundary[:25] + "..."
         mark = "*" if r.id == choice.id else " "
+        cv = "" if r.cv_acc is None else f"{r.cv_acc:.4f}"
         lines.append(f"{mark} {r.kind:<11} {boundary:<28} {r.trainable_params:>11,} {r.cache_bytes / 2**20:>9.1f} "
-                     f"{r.val_acc:>8.4f} {r.seconds:>8.1f}")
+                     f"{r.val_acc:>8.4f} {cv:>7} {r.seconds:>8.1f}")
     return "\n".join(lines)
 
 
@@ -150,7 +185,7 @@ def _write_outputs(where: SweepDir, recipe: Recipe, boundaries: list[str], rows:
     where.write_text(TABLE, text + "\n")
     plot_sweep([r.model_dump() for r in rows], boundaries, choice.id, where / PICTURE)
     note = (f"Recommended by tl sweep {Path(recipe.source.name).name}: {choice.kind} at {choice.boundary}, "
-            f"val accuracy {choice.val_acc:.4f}\n"
+            f"val accuracy {choice.val_acc:.4f}{'' if choice.cv_acc is None else f', cross-validated {choice.cv_acc:.4f}'}\n"
             f"({choice.trainable_params:,} trainable parameters). The sweep's table: {where / TABLE}\n"
             f"tl fit {where / RECOMMENDED} reuses the sweep's feature caches.")
     return where.write_text(RECOMMENDED, recommended_text(recipe, winner, where.recommended_run, note))

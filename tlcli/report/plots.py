@@ -100,30 +100,35 @@ def plot_top_losses(items: list[dict], out: Path, columns: int = 4) -> None:
 
 
 def plot_sweep(rows: list[dict], boundaries: list[str], choice: str, out: Path) -> None:
-    """A sweep's val accuracy per boundary: the probe and unfreeze-from-here lines, the multi-depth
-    probe as a dashed level, the recommendation circled."""
+    """A sweep's accuracy per boundary: the probe and unfreeze-from-here lines on val, the probes
+    cross-validated over train+val (dotted), the multi-depth probe as a dashed level, the
+    recommendation circled."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(boundaries) + 2), 4.2))
     x_of = {b: i for i, b in enumerate(boundaries)}
-    for kind, style in (("probe", "o-"), ("unfreeze", "s-")):
-        points = sorted((x_of[r["boundary"]], r["val_acc"]) for r in rows if r["kind"] == kind and r["boundary"] in x_of)
+    for kind, style, field, label in (("probe", "o-", "val_acc", "linear probe (val)"),
+                                      ("probe", "o:", "cv_acc", "linear probe (cross-validated)"),
+                                      ("unfreeze", "s-", "val_acc", "unfreeze from here, LP-FT (val)")):
+        points = sorted((x_of[r["boundary"]], r[field]) for r in rows
+                        if r["kind"] == kind and r["boundary"] in x_of and r.get(field) is not None)
         if kind == "unfreeze":  # above the head's input, unfreezing trains the head alone: the probe's point
             points += [(x_of[r["boundary"]], r["val_acc"]) for r in rows if r["kind"] == "probe" and r["boundary"] == boundaries[-1]]
             points.sort()
         if points:
-            ax.plot([p[0] for p in points], [p[1] for p in points], style,
-                    label="linear probe" if kind == "probe" else "unfreeze from here (LP-FT)")
+            ax.plot([p[0] for p in points], [p[1] for p in points], style, label=label)
     for r in rows:
         if r["kind"] == "multi-depth":
-            ax.axhline(r["val_acc"], color="grey", linestyle="--", linewidth=1, label="multi-depth probe")
+            ax.axhline(r["val_acc"], color="grey", linestyle="--", linewidth=1, label="multi-depth probe (val)")
+            if r.get("cv_acc") is not None:
+                ax.axhline(r["cv_acc"], color="grey", linestyle=":", linewidth=1, label="multi-depth (cross-validated)")
         if r["id"] == choice:
             x = x_of.get(r["boundary"], len(boundaries) - 1)
-            ax.plot([x], [r["val_acc"]], "o", markersize=14, markerfacecolor="none", markeredgecolor="red",
-                    label="recommended")
+            ax.plot([x], [r["val_acc"] if r.get("cv_acc") is None else r["cv_acc"]], "o", markersize=14,
+                    markerfacecolor="none", markeredgecolor="red", label="recommended")
     ax.set_xticks(range(len(boundaries)))
     ax.set_xticklabels([printable(b) for b in boundaries], rotation=30, ha="right")
     ax.set_xlabel("freeze boundary (deeper to the right)")
-    ax.set_ylabel("val accuracy")
+    ax.set_ylabel("accuracy")
     ax.set_title("accuracy vs depth")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=9)

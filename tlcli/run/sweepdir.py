@@ -55,6 +55,8 @@ class SweepRow(BaseModel):
     trainable_params: int = Field(ge=0, le=10**13)
     cache_bytes: int = Field(ge=0, le=1 << 50)
     val_acc: float = Field(ge=0, le=1)
+    # A probe's accuracy cross-validated over train+val (5 folds), at its L2; None for the unfreeze rows.
+    cv_acc: Optional[float] = Field(default=None, ge=0, le=1)
     l2: Optional[float] = Field(default=None, ge=0, le=10)  # a probe's L2, chosen on val
     seconds: float = Field(ge=0, le=10**8)
     recipe_text: str = Field(max_length=1_000_000)  # the candidate's recipe: a row of another recipe is not reused
