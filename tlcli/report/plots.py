@@ -104,7 +104,7 @@ def plot_sweep(rows: list[dict], boundaries: list[str], choice: str, out: Path) 
     cross-validated over train+val (dotted), the multi-depth probe as a dashed level, the
     recommendation circled."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(boundaries) + 2), 4.2))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(boundaries) + 2) + 3.2, 4.2))
     x_of = {b: i for i, b in enumerate(boundaries)}
     for kind, style, field, label in (("probe", "o-", "val_acc", "linear probe (val)"),
                                       ("probe", "o:", "cv_acc", "linear probe (cross-validated)"),
@@ -131,7 +131,7 @@ def plot_sweep(rows: list[dict], boundaries: list[str], choice: str, out: Path) 
     ax.set_ylabel("accuracy")
     ax.set_title("accuracy vs depth")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=9)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the lines, never over them
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
