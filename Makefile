@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.tl-installed
 # local wheel store, and an unpinned torchvision can pull a mismatched torch.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-fast docs bench head-probe imbalance keras-blog sweep-bench two-stage clean install
+.PHONY: demo test test-fast docs bench head-probe imbalance keras-blog sweep-bench precision-bench two-stage clean install
 
 install: $(STAMP)
 
@@ -49,6 +49,10 @@ imbalance: $(STAMP)
 # tl sweep on three offline folders: its recommendation against the best candidate and the default, and its cost.
 sweep-bench: $(STAMP)
 	$(PY) benchmarks/sweep_bench.py
+
+# bf16 against fp32 (computed, and stored) on four offline folders: accuracy, featurize time, export agreement.
+precision-bench: $(STAMP)
+	$(PY) benchmarks/precision_bench.py
 
 keras-blog: $(STAMP)
 	$(PY) benchmarks/keras_blog.py

@@ -14,6 +14,7 @@ from tlcli.engine.features import featurize, key_components
 from tlcli.model.tiny import TinyResNet
 from tlcli.config.schema import Recipe
 from tlcli.model.build import build_network
+from tlcli.engine.precision import FP32
 
 from killing import kill_when, start
 from conftest import make_imagefolder, tiny_recipe, write_recipe
@@ -23,7 +24,7 @@ def key_of(recipe_dict) -> str:
     recipe = Recipe.model_validate(recipe_dict)
     plan = plan_data(recipe.data)
     prepared = build_network(recipe, plan.class_names)
-    return cache_key(key_components(prepared, plan, prepared.extractor(), recipe.cache.dtype))
+    return cache_key(key_components(prepared, plan, prepared.extractor(), recipe.cache.dtype, precision="fp32"))
 
 
 def _weights_file(path, seed):
@@ -89,7 +90,7 @@ def test_cache_layout_and_manifest(tmp_path):
     recipe = Recipe.model_validate(tiny_recipe(tmp_path, cache={"shard_size": 40}))
     plan = plan_data(recipe.data)
     prepared = build_network(recipe, plan.class_names)
-    cache = featurize(prepared, plan, torch.device("cpu"), recipe.cache, recipe.data)
+    cache = featurize(prepared, plan, torch.device("cpu"), recipe.cache, recipe.data, precision=FP32)
     m = json.loads((cache.path / "manifest.json").read_text())
     assert [f["name"] for f in m["frontier"]] == ["stem.2", "block.1"]
     assert m["splits"]["train"]["count"] == len(plan.splits["train"])
@@ -117,7 +118,7 @@ def test_killed_featurize_leaves_no_accepted_cache_and_is_rebuilt(tmp_path):
     r = Recipe.model_validate(recipe)
     plan = plan_data(r.data)
     prepared = build_network(r, plan.class_names)
-    cache = featurize(prepared, plan, torch.device("cpu"), r.cache, r.data)
+    cache = featurize(prepared, plan, torch.device("cpu"), r.cache, r.data, precision=FP32)
     assert cache.key == key and open_cache(cache_root / key) is not None
     assert not list(cache_root.glob("*.tmp-*")), "the dead run's partial directory is cleaned up"
     assert cache.count("train") + cache.count("val") + cache.count("test") == 400

@@ -76,7 +76,7 @@ def test_evaluate_scores_from_the_cache_and_matches_the_raw_images(tmp_path):
     ckpt, plan, cpu = load_checkpoint(result.run_dir), plan_data(recipe.data), torch.device("cpu")
     cached = cached_logits(ckpt, plan, recipe.cache, cpu)
     logits, labels = cached.logits, cached.labels
-    raw = model_logits(ckpt.model, plan.splits["test"], ckpt.preprocess, 8, 0, cpu, Reporter())
+    raw = model_logits(ckpt, plan.splits["test"], 8, 0, cpu, Reporter())
     raw_logits, raw_labels = raw.logits, raw.labels
     assert (labels == raw_labels).all()
     torch.testing.assert_close(torch.from_numpy(logits), torch.from_numpy(raw_logits), atol=1e-4, rtol=0)

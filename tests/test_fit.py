@@ -12,6 +12,7 @@ from tlcli.engine.features import featurize
 from tlcli.config.schema import Recipe
 from tlcli.model.build import build_network
 from tlcli.engine.train import fit
+from tlcli.engine.precision import FP32
 
 from conftest import tiny_recipe, write_recipe
 
@@ -92,7 +93,7 @@ def test_head_on_cached_features_equals_full_model_on_raw_images(tmp_path, optim
     plan = plan_data(recipe.data)
     prepared = build_network(recipe, plan.class_names)
     prepared.model.load_state_dict(state)
-    cache = featurize(prepared, plan, torch.device("cpu"), recipe.cache, recipe.data)
+    cache = featurize(prepared, plan, torch.device("cpu"), recipe.cache, recipe.data, precision=FP32)
     head = prepared.trainable().eval()
     with torch.no_grad():
         from_cache = torch.cat([head(*f) for f, _ in cache.iterate("test")])

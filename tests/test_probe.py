@@ -15,6 +15,7 @@ from tlcli.config.schema import Recipe
 from tlcli.engine.cache import cached_batches
 from tlcli.engine.train import evaluate_epoch, fit
 from tlcli.engine.stage import StageForward
+from tlcli.engine.precision import FP32
 
 from conftest import tiny_recipe, write_recipe
 
@@ -52,7 +53,7 @@ def test_auto_fits_a_linear_head_as_a_probe_and_saves_it_folded(tmp_path):
     plan = plan_data(recipe.data)
     prepared = build_network(recipe, plan.class_names)
     prepared.model.load_state_dict(load_checkpoint(result.run_dir).model.net.state_dict())
-    cache = featurize(prepared, plan, torch.device("cpu"), recipe.cache, recipe.data)
+    cache = featurize(prepared, plan, torch.device("cpu"), recipe.cache, recipe.data, precision=FP32)
     val = evaluate_epoch(StageForward(prepared, False, torch.device("cpu")), cached_batches(cache, "val", 1024, None), "cpu")
     assert val["loss"] == pytest.approx(rows[-1]["val_loss"], abs=1e-5)
     assert val["acc"] == rows[-1]["val_acc"]

@@ -19,6 +19,7 @@ from tlcli.model.build import build_network
 from tlcli.engine.optim import block_of, param_groups
 from tlcli.engine.train import FitHooks, fit
 from tlcli.config.stages import plan_stages
+from tlcli.engine.precision import FP32
 
 from killing import kill_when, start
 from conftest import REPO, tiny_recipe, write_recipe
@@ -190,7 +191,7 @@ def test_early_stopping_keeps_the_best_epoch(tmp_path):
     plan = plan_data(recipe.data)
     prepared = build_network(recipe, plan.class_names)
     prepared.model.load_state_dict(ckpt.model.net.state_dict())
-    cache = featurize(prepared, plan, torch.device("cpu"), recipe.cache, recipe.data)
+    cache = featurize(prepared, plan, torch.device("cpu"), recipe.cache, recipe.data, precision=FP32)
     val = evaluate_epoch(StageForward(prepared, False, torch.device("cpu")), cached_batches(cache, "val", 1024, None), "cpu")
     assert val["loss"] == pytest.approx(rows[best]["val_loss"], abs=1e-6)
 
@@ -318,3 +319,30 @@ def test_a_cache_holds_only_the_splits_something_reads(tmp_path):
     fit(Recipe.model_validate(tiny_recipe(tmp_path / "one", cache={"dir": str(tmp_path / "cache1")})))
     manifests = [json.loads(m.read_text()) for m in (tmp_path / "cache1").glob("*/manifest.json")]
     assert [sorted(m["splits"]) for m in manifests] == [["test", "train", "val"]]
+
+
+def test_an_unaugmented_image_stage_decodes_once_and_trains_exactly_as_decoding_every_epoch(tmp_path, monkeypatch):
+    """Held decoded images (they fit cache.memory_mib) are the loader's batches, in the epoch's
+    shuffled order: the metrics are identical to a run that decodes every epoch (memory_mib: 0),
+    and the images were decoded once per split rather than once per epoch."""
+    import tlcli.engine.stage as stage_module
+    from tlcli.config.reading import load_recipe
+    from tlcli.engine.train import fit
+
+    made = []
+    original = stage_module.ImageLoader
+
+    def counting(*args, **kwargs):
+        made.append(len(args[0]))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(stage_module, "ImageLoader", counting)
+    stages = [{"name": "images", "input": "images", "epochs": 3}]
+    runs = {}
+    for memory in (0, 2048):
+        r = tiny_recipe(tmp_path / str(memory), stages=stages, cache={"memory_mib": memory})
+        made.clear()
+        fit(load_recipe(write_recipe(tmp_path / f"{memory}.yaml", r)))
+        runs[memory] = ((tmp_path / str(memory) / "run" / "metrics.jsonl").read_text(), len(made))
+    assert runs[0][0] == runs[2048][0]
+    assert runs[0][1] == 6 and runs[2048][1] == 2  # train and val each epoch, against once each

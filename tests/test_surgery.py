@@ -214,7 +214,7 @@ def test_input_preprocessor_settings_enter_the_cache_key(tmp_path):
         r = _recipe(tmp_path, "tiny_resnet", input={"channels": 1, "size": 8})
         r = r.model_copy(update={"base": r.base.model_copy(update=base)})
         p = build_network(r, CLASSES)
-        return cache_key(key_components(p, plan_data(r.data), p.extractor(), r.cache.dtype))
+        return cache_key(key_components(p, plan_data(r.data), p.extractor(), r.cache.dtype, precision="fp32"))
 
     # Same data-side preprocessing (grey 8x8); only the size the model resizes to differs.
     assert key() != key(input_size=48)

@@ -263,7 +263,7 @@ def fit(
     out.text(f"fit {result.epochs} epochs in {result.seconds:.1f}s: train_loss {final['train_loss']:.4f}{val}{kept} "
              f"-> {result.run_dir}")
     out.result({"ok": True, "run_dir": str(result.run_dir), "epochs": result.epochs, "seconds": round(result.seconds, 3),
-                "final": final, "cache_key": result.cache_key, "skipped": result.skipped,
+                "final": final, "cache_key": result.cache_key, "skipped": result.skipped, "precision": result.precision,
                 "stages": [s.model_dump() for s in result.stages]})
 
 

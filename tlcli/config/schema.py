@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from typing import Optional
+from typing import Literal, Optional
 
 from pydantic import Field, PrivateAttr, field_validator
 
@@ -50,6 +50,9 @@ class Recipe(Strict):
                                    description="Experiment trackers each fit logs to: tensorboard, mlflow, csv.")
     sweep: SweepSpec = Field(default=SweepSpec(), description="What `tl sweep` compares; read by tl sweep only.")
     device: str = Field(default="auto", description="auto (CUDA when present, else the CPU), cpu, cuda, cuda:N or mps.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        default="fp32", description="The frozen part's and image stages' arithmetic: bf16 autocast, fp32, or auto "
+                                    "(bf16 on a GPU with bf16 and a CPU with AMX or AVX-512 BF16, else fp32).")
     output_dir: UserPath = Field(
                                  description="The run directory: tl writes only into an empty or new directory, or one that carries its marker.")
 

@@ -116,7 +116,9 @@ def recipe_warnings(recipe: Recipe) -> list[str]:
     if recipe.head.layer == "none" and "init" in recipe.head.model_fields_set:
         found.append(recipe.problem(("head", "init"), "ignored: head: {layer: none} replaces no layer"))
     if not any(s.input == "cache" for s in stages):
-        for key in sorted({"dtype", "shard_size", "memory_mib"} & recipe.cache.model_fields_set):
+        # memory_mib also holds an un-augmented image stage's decoded images.
+        read = {"memory_mib"} if any(s.augment is None for s in stages) else set()
+        for key in sorted({"dtype", "shard_size", "memory_mib"} - read & recipe.cache.model_fields_set):
             found.append(recipe.problem(("cache", key), "ignored: no stage trains from the feature cache"))
     found += _ignored_by_layer_type(recipe)
     if recipe.data.dataset == "digits" and "on_bad_image" in recipe.data.model_fields_set:

@@ -150,14 +150,16 @@ class StageSpec(Strict):
 
 class CacheSpec(Strict):
     dir: UserPath = Field(default=".tl-cache", description="Where caches (and the image digest index) are kept.")
-    # float32 keeps cached features bit-comparable with the full model;
-    # bfloat16 runs the frozen part under autocast and halves the cache.
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    # How the features are stored, apart from how they are computed (`precision`):
+    # bfloat16 halves the cache and rounds every stored feature (a second, separate loss).
+    dtype: Literal["float32", "bfloat16"] = Field(default="float32", description=(
+        "How cached features are stored: float32, or bfloat16 (half the size, each feature rounded). "
+        "How they are computed is `precision`."))
     shard_size: int = Field(default=1024, ge=1, le=10_000_000,
                             description="Rows per shard file: bounds the memory a shard takes.")
-    # A cache stage whose train and val rows fit in this many MiB (as float32)
-    # loads them onto the device once and runs every epoch from memory.
-    memory_mib: int = Field(default=2048, ge=0, le=16 * 2**20)
+    memory_mib: int = Field(default=2048, ge=0, le=16 * 2**20, description=(
+        "A cache stage's train and val rows, or an un-augmented image stage's decoded images, that fit in this "
+        "many MiB (as float32) are held on the device and every epoch runs from memory; 0 never holds them."))
 
     @field_validator("dir")
     @classmethod

@@ -53,6 +53,7 @@ def evaluate(target: Optional[Path], reporter: Reporter = Reporter(), device_spe
         scored, source = _score_test_split(run, device, reporter, warnings)
         out = run.dir.eval_dir()
     metrics = {**score(scored.logits, scored.labels, run.class_names), "scored_from": source,
+               "precision": run.meta.precision,
                "data": str(Path(data).resolve()) if data is not None else "test split"}
     written = _write_eval(out, metrics, scored, run)
     if run.recipe.tracking.to:
@@ -66,8 +67,8 @@ def _folder_name(folder: Path) -> str:
 
 def _score_folder(run: Run, folder: Path, device, reporter) -> Scored:
     use = run.recipe.data
-    return model_logits(run.model, labelled_folder(folder, run.class_names), run.preprocess, use.batch_size,
-                        use.num_workers, device, reporter, use.on_bad_image)
+    return model_logits(run, labelled_folder(folder, run.class_names), use.batch_size, use.num_workers, device,
+                        reporter, use.on_bad_image)
 
 
 def _score_test_split(run: Run, device, reporter, warnings: list[str]) -> tuple[Scored, str]:
@@ -84,8 +85,8 @@ def _score_test_split(run: Run, device, reporter, warnings: list[str]) -> tuple[
     scored = cached_logits(run, plan, recipe.cache, device)
     if scored is not None:
         return scored, "cache"
-    return model_logits(run.model, plan.splits["test"], run.preprocess, recipe.data.batch_size,
-                        recipe.data.num_workers, device, reporter, recipe.data.on_bad_image), "images"
+    return model_logits(run, plan.splits["test"], recipe.data.batch_size, recipe.data.num_workers, device, reporter,
+                        recipe.data.on_bad_image), "images"
 
 
 def _write_eval(out: Path, metrics: dict, scored: Scored, run: Run) -> list[str]:

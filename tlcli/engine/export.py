@@ -74,6 +74,8 @@ def export(target: Optional[Path], fmt: str, output: Optional[Path] = None, forc
         # How training images reached input_size; do the same before calling the model.
         "resize": {"mode": pp.mode, "resize": pp.resize, "interpolation": pp.interpolation, "antialias": True},
         "model": run.meta.model,
+        # The export computes in fp32; the run trained its frozen part at this precision.
+        "trained_precision": run.meta.precision,
     })
     return ExportResult(path, sidecar, fmt)
 

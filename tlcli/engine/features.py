@@ -28,50 +28,59 @@ from tlcli.engine.device import to_channels_last
 from tlcli.engine.cache import (CACHE_FORMAT, FeatureCache, ShardWriter, build_lock, cache_key, merged_manifest, open_cache,
                                 publish, split_units)
 from tlcli.engine.plan import Plan, make_plan
+from tlcli.engine.precision import Precision
 from tlcli.errors import out_of_memory
 from tlcli.files import file_lock
 from tlcli.model.network import Network
 from tlcli.progress import Reporter
 
 
-def key_components(view: Network, data: DataPlan, extractor: torch.fx.GraphModule, dtype: str,
+def key_components(view: Network, data: DataPlan, extractor: torch.fx.GraphModule, dtype: str, *, precision: str,
                    decoder: str = "libjpeg-turbo", splits: Optional[Sequence[str]] = None) -> dict:
     """Everything that determines the cached features of `view`'s frozen part (`extractor`), one
     hash or value each; `splits`: which of the data's splits the cache holds (all by default)."""
-    return _components(data.identity(decoder), view.frozen_identity(extractor), dtype, splits or list(data.splits))
+    return _components(data.identity(decoder), view.frozen_identity(extractor), dtype, precision,
+                       splits or list(data.splits))
 
 
-def _components(data_identity: dict, frozen_identity: dict, dtype: str, splits: Sequence[str]) -> dict:
-    return {"format": CACHE_FORMAT, **frozen_identity, **data_identity, "dtype": dtype, "splits": sorted(splits)}
+def _components(data_identity: dict, frozen_identity: dict, dtype: str, precision: str, splits: Sequence[str]) -> dict:
+    # precision: what computed the rows; dtype: how they are stored. A head trained on bf16
+    # features is evaluated on bf16 features: neither may hit the other's cache.
+    return {"format": CACHE_FORMAT, **frozen_identity, **data_identity, "dtype": dtype, "precision": precision,
+            "splits": sorted(splits)}
 
 
 class _Extractor:
-    """The frozen part on the device, in the layout and precision the cache asks for."""
+    """The frozen part on the device, in channels_last, computing at the plan's precision and
+    storing at the cache's dtype."""
 
-    def __init__(self, module: torch.fx.GraphModule, device: torch.device, dtype: str):
+    def __init__(self, module: torch.fx.GraphModule, device: torch.device, precision: Precision, dtype: str):
         self.device = device
         self.module = to_channels_last(module.to(device).eval(), device)
+        self.precision = precision
         self.store_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         """x: a normalised batch on the device (the pipeline's output)."""
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.store_dtype == torch.bfloat16):
+        with self.precision.autocast(self.device):
             outs = self.module(x)
         return [o.to("cpu", self.store_dtype).contiguous() for o in outs]
 
 
 def featurize(view: Network, data: DataPlan, device: torch.device, cache: CacheSpec, spec: DataSpec,
-              reporter: Reporter = Reporter(), force: bool = False, splits: Optional[Sequence[str]] = None) -> FeatureCache:
-    """The cache of `view`'s frozen part on `data` (its `splits`, all by default), built when
-    missing (or forced); `spec` says how to read the images (batch, threads, bad images)."""
+              reporter: Reporter = Reporter(), force: bool = False, splits: Optional[Sequence[str]] = None, *,
+              precision: Precision) -> FeatureCache:
+    """The cache of `view`'s frozen part on `data` (its `splits`, all by default), computed at
+    `precision`, built when missing (or forced); `spec` says how to read the images (batch,
+    threads, bad images)."""
     splits = [s for s in data.splits if splits is None or s in splits]
     data_identity = data.identity(jpeg_decoder(device))
     extractor = view.extractor()
     identity = view.frozen_identity(extractor)
-    components = _components(data_identity, identity, cache.dtype, splits)
+    components = _components(data_identity, identity, cache.dtype, precision.name, splits)
     key = cache_key(components)
     final = Path(cache.dir) / key
-    whole = Path(cache.dir) / cache_key(_components(data_identity, identity, cache.dtype, list(data.splits)))
+    whole = Path(cache.dir) / cache_key(_components(data_identity, identity, cache.dtype, precision.name, list(data.splits)))
     if whole != final and not force and open_cache(whole) is not None:
         # A cache of every split (a sweep's, or a one-stage run's) holds the rows this one needs.
         if distributed.current().main:
@@ -83,8 +92,8 @@ def featurize(view: Network, data: DataPlan, device: torch.device, cache: CacheS
     with file_lock(build_lock(final)) if dist.main else contextlib.nullcontext():
         tmp = distributed.broadcast(_start_build(final, key, force) if dist.main else None, "starting the cache")
         if tmp is not None:
-            _build(view, data, splits, (extractor, device), Path(tmp), final, cache, spec, {**components, "key": key},
-                   reporter)
+            _build(view, data, splits, (extractor, device, precision), Path(tmp), final, cache, spec,
+                   {**components, "key": key}, reporter)
     distributed.barrier("waiting for the cache to be in place")
     if dist.main:
         reporter.info(f"feature cache {'hit' if tmp is None else 'written'}: {final}")
@@ -94,7 +103,7 @@ def featurize(view: Network, data: DataPlan, device: torch.device, cache: CacheS
 def _build(view: Network, data: DataPlan, splits: list[str], frozen: tuple, tmp: Path, final: Path,
            cache: CacheSpec, spec: DataSpec, keyed: dict, reporter: Reporter) -> None:
     """Every rank's shards into `tmp`; then rank 0 writes the manifest (last) and swaps it in.
-    `frozen`: the frozen part and the device it runs on."""
+    `frozen`: the frozen part, the device and the precision it runs at."""
     dist = distributed.current()
     extract = _Extractor(*frozen, cache.dtype)
     try:
@@ -201,11 +210,14 @@ def featurize_recipe(recipe: Recipe, reporter: Reporter = Reporter(), force: boo
 
 
 def featurize_plan(plan: Plan, reporter: Reporter = Reporter(), force: bool = False) -> list[FeatureCache]:
+    if plan.dist.main and plan.recipe.precision != "fp32":  # auto or bf16: which, and why, on this machine
+        reporter.info(f"precision: {plan.precision.reason}")
     with plan.recipe.located():
         caches = [featurize(plan.network.for_stage(stage), plan.data, plan.device, plan.recipe.cache, plan.recipe.data,
-                            reporter, force=force, splits=splits_read_by(stage, plan.stages))
+                            reporter, force=force, splits=splits_read_by(stage, plan.stages), precision=plan.precision)
                   for stage in plan.stages if stage.input == "cache"]
     plan.report_hints(reporter)  # after the work: what to try next time
+    plan.precision_hint(reporter)
     return caches
 
 

@@ -112,6 +112,12 @@ def restore_model(ctx: FitContext, state: ResumeState) -> None:
     if state.frozen_hash is not None and state.frozen_hash != ctx.frozen_hash:
         raise RunError(f"{ctx.run}: the base model's frozen weights changed since this run started; "
                        "resume needs the same weights (pass --force to start over)")
+    now = ctx.plan.precision
+    if state.precision is not None and state.precision != now.name:
+        # `precision: auto` resolves per machine: a run started on an AMX machine in bf16 must not
+        # go on in fp32 here (its features, and the head trained on them, would mix both).
+        raise RunError(f"{ctx.run}: this run trained in {state.precision}; here it would go on in {now.name} "
+                       f"({now.reason}); resume with precision: {state.precision}, or pass --force to start over")
     saved = ctx.run.resume_tensors(state, "model")
     model = ctx.plan.network.model
     unknown = set(saved) - set(model.state_dict())
@@ -139,7 +145,7 @@ def save_epoch(ctx: FitContext, setup: StageSetup, stopper: EarlyStopping, epoch
                summaries: list[StageSummary]) -> None:
     """The resume state after an epoch: trained tensors, best weights, optimizer and schedule."""
     state = ResumeState(stage=setup.stage.index, epoch=epoch, rows=rows, summaries=summaries, frozen_hash=ctx.frozen_hash,
-                        l2=setup.probe.l2 if setup.probe else None, **stopper.fields())
+                        l2=setup.probe.l2 if setup.probe else None, precision=ctx.plan.precision.name, **stopper.fields())
     tensors = {"model": ctx.trained_state()}
     if stopper.best_state is not None:
         tensors["best"] = stopper.best_state
@@ -150,7 +156,8 @@ def save_epoch(ctx: FitContext, setup: StageSetup, stopper: EarlyStopping, epoch
 def save_stage_done(ctx: FitContext, stage: Stage, rows: int, summaries: list[StageSummary]) -> None:
     """The stage is done: a resume from here starts the next stage with this model."""
     ctx.run.save_resume(ResumeState(stage=stage.index + 1, epoch=0, rows=rows, summaries=summaries,
-                                    frozen_hash=ctx.frozen_hash), {"model": ctx.trained_state()}, {})
+                                    frozen_hash=ctx.frozen_hash, precision=ctx.plan.precision.name),
+                        {"model": ctx.trained_state()}, {})
 
 
 def write_checkpoint(ctx: FitContext, summaries: list[StageSummary], cache_key: Optional[str]) -> None:
@@ -163,4 +170,5 @@ def write_checkpoint(ctx: FitContext, summaries: list[StageSummary], cache_key: 
         preprocess=final.preprocess, frontier=final.split.frontier_names, cache_key=cache_key,
         data_fingerprint=plan.data.fingerprint(), stages=summaries, decoder=jpeg_decoder(plan.device),
         skipped_images=sorted(ctx.skipped), frozen_modules=pinned.frozen_modules, frozen_attrs=pinned.frozen_attrs,
+        precision=plan.precision.name,
     ))

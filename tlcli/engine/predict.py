@@ -61,8 +61,8 @@ def predict(target: Optional[Path], patterns: list[str], top_k: int = 5, reporte
     use = run.recipe.data
     # Labels are file indices: they say which file each row is, even when some are skipped.
     pairs = [(path, i) for i, path in enumerate(files)]
-    scored = model_logits(run.model, pairs, run.preprocess, use.batch_size, use.num_workers, device, reporter,
-                          use.on_bad_image, description="predict")
+    scored = model_logits(run, pairs, use.batch_size, use.num_workers, device, reporter, use.on_bad_image,
+                          description="predict")
     k = max(1, min(top_k, len(run.class_names)))
     probs = torch.softmax(torch.from_numpy(scored.logits).double(), dim=1)
     values, indices = probs.topk(k, dim=1)

@@ -107,7 +107,7 @@ def _planned(candidate: Candidate, plan: Plan, where: SweepDir) -> Plan:
     path = where.write_text(f"candidates/{candidate.id}.yaml", candidate.text)
     recipe = candidate.recipe(str(path))
     network = build_network(recipe, plan.data.class_names)
-    return Plan(recipe, network.stages, plan.device, plan.dist, plan.data, network)
+    return Plan(recipe, network.stages, plan.device, plan.dist, plan.data, network, plan.precision)
 
 
 def _measured(candidate: Candidate, plan: Plan, caches: dict, where: SweepDir, reporter: Reporter) -> SweepRow:

@@ -46,7 +46,7 @@ def view_cache(view: Network, plan: Plan) -> Wanted:
     """The cache `view`'s frozen part fills on `plan`'s data, keyed with every split: the key
     `tl fit` of a recipe frozen there finds."""
     components = _components(plan.data.identity(jpeg_decoder(plan.device)), view.frozen_identity(view.extractor()),
-                             plan.recipe.cache.dtype, list(plan.data.splits))
+                             plan.recipe.cache.dtype, plan.precision.name, list(plan.data.splits))
     return Wanted(cache_key(components), components, view.split.frontier_names, view)
 
 
@@ -78,7 +78,8 @@ def fill_caches(union: Plan, plans: list[Plan], reporter: Reporter, force: bool 
             with out_of_memory(f"featurizing (batch {union.recipe.data.batch_size})", "lower data.batch_size"):
                 _one_pass(union, [together[k] for k in tmps], tmps, reporter)
     for w in alone:  # not in the union's graph: its own pass, as tl featurize makes it
-        featurize(w.view, union.data, union.device, union.recipe.cache, union.recipe.data, reporter, force=force)
+        featurize(w.view, union.data, union.device, union.recipe.cache, union.recipe.data, reporter, force=force,
+                  precision=union.precision)
     return {key: open_cache(cache_dir / key) for key in wanted}
 
 
@@ -87,7 +88,8 @@ def _one_pass(union: Plan, wanted: list[Wanted], tmps: dict[str, Path], reporter
     names = list(dict.fromkeys(name for w in wanted for name in w.frontier))
     targets = [graph.by_name[name] for name in names]
     frozen = split_at(graph, targets).frozen
-    extract = _Extractor(frozen_extractor(Split(graph, frozen, targets)), union.device, union.recipe.cache.dtype)
+    extract = _Extractor(frozen_extractor(Split(graph, frozen, targets)), union.device, union.precision,
+                         union.recipe.cache.dtype)
     spec, cache = union.recipe.data, union.recipe.cache
     parts = {w.key: {"frontier": [], "splits": {}, "skipped": []} for w in wanted}
     started = time.perf_counter()

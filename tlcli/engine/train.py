@@ -54,6 +54,7 @@ class FitResult:
     stages: list[StageSummary] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # undecodable files left out (data.on_bad_image: skip)
     best_kept: bool = False  # early stopping kept an earlier epoch's weights; `final` is that epoch's row
+    precision: str = "fp32"  # what the frozen part and image stages ran at
 
 
 def fit(recipe: Recipe, reporter: Reporter = Reporter(), force: bool = False, resume: bool = False,
@@ -82,6 +83,8 @@ def fit_plan(plan: Plan, reporter: Reporter = Reporter(), force: bool = False, r
         state = run.check_for_fit(recipe_text, force, resume, stage_epochs) if plan.dist.main else None
         state = distributed.broadcast(state, "reading the resume state")
         ctx = FitContext(plan, run, reporter, hooks)
+        if plan.dist.main and recipe.precision != "fp32":  # auto or bf16: which, and why, on this machine
+            reporter.info(f"precision: {plan.precision.reason}")
         pin_frozen(ctx)
         if state is None:
             run.start(recipe_text)
@@ -92,7 +95,9 @@ def fit_plan(plan: Plan, reporter: Reporter = Reporter(), force: bool = False, r
             ctx.trackers = Trackers(recipe, run.path, recipe_text, state.rows if state else None)
         with recipe.located(), ctx.locks:
             summaries, last_row, cache_key = _train_stages(ctx, state)
-        return _finish(ctx, summaries, last_row, cache_key, time.perf_counter() - started)
+        result = _finish(ctx, summaries, last_row, cache_key, time.perf_counter() - started)
+    plan.precision_hint(reporter)  # after the work: what to try next time
+    return result
 
 
 def _check_stages_against_data(plan) -> None:
@@ -237,18 +242,19 @@ def _set_up_stage(ctx: FitContext, stage: Stage) -> StageSetup:
     if stage.input == "images":
         batch = rank_batch_size(stage, plan.recipe.distributed, plan.dist.world)
         batches = ImageBatches(view, plan.data.splits, stage, plan.device, decode_threads(spec.num_workers, plan.device),
-                               batch, spec.batch_size, spec.on_bad_image, ctx.skipped, balanced=spec.sampler == "balanced")
+                               batch, spec.batch_size, spec.on_bad_image, ctx.skipped, balanced=spec.sampler == "balanced",
+                               memory_mib=plan.recipe.cache.memory_mib)
         return _told_unused(ctx, set_up(view, stage, plan.device, batches, None, plan.recipe.distributed, has_val,
-                                           plan.data.class_names))
+                                           plan.data.class_names, plan.precision))
     cache = featurize(view, plan.data, plan.device, plan.recipe.cache, spec, ctx.reporter,
-                      splits=splits_read_by(stage, plan.stages))
+                      splits=splits_read_by(stage, plan.stages), precision=plan.precision)
     ctx.skipped.update(cache.skipped)
     # Held until the fit ends: `featurize --force` must not swap the cache out from under it.
     ctx.locks.enter_context(file_lock(read_lock(cache.path), shared=True))
     batches = CacheBatches(cache, plan.device, stage.fine_tune.batch_size, plan.recipe.cache.memory_mib,
                            balanced=spec.sampler == "balanced")
     return _told_unused(ctx, set_up(view, stage, plan.device, batches, cache, plan.recipe.distributed, has_val,
-                                       plan.data.class_names))
+                                       plan.data.class_names, plan.precision))
 
 
 def _told_unused(ctx: FitContext, setup: StageSetup) -> StageSetup:
@@ -319,7 +325,7 @@ def _finish(ctx: FitContext, summaries: list[StageSummary], last_row: dict, cach
         ctx.trackers.finish()
     final, best_kept = _kept_row(rows, summaries[-1], last_row)
     return FitResult(ctx.run.path, sum(s.epochs_run for s in summaries), final, cache_key, seconds, summaries,
-                     sorted(ctx.skipped), best_kept)
+                     sorted(ctx.skipped), best_kept, ctx.plan.precision.name)
 
 
 def _kept_row(rows: list[dict], last: StageSummary, last_row: dict) -> tuple[dict, bool]:

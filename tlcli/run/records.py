@@ -56,6 +56,7 @@ class ResumeState(_Record):
     # (rebuilt from the recipe on resume) so that changed base weights are noticed.
     frozen_hash: Optional[str] = None
     l2: Optional[Annotated[float, Field(gt=0, le=1e6)]] = None  # the probe fit's L2, chosen once per stage
+    precision: Optional[Literal["fp32", "bf16"]] = None  # what the run trained at: a resume must match it
 
     def problems(self, stages: list[tuple[str, int]], logged: list[dict]) -> list[str]:
         """What in this state the run cannot have written: `stages` are the recipe's
@@ -99,6 +100,9 @@ class CheckpointMeta(_Record):
     frozen_attrs: list[str] = []
     skipped_images: list[str] = []  # undecodable files left out (data.on_bad_image: skip)
     decoder: Optional[str] = None  # what decoded the training JPEGs (nvjpeg and libjpeg-turbo differ by +-1)
+    # The arithmetic the frozen part (and image stages) trained at: evaluate and predict use it
+    # (a run saved before tl recorded it ran in fp32).
+    precision: Literal["fp32", "bf16"] = "fp32"
     tl_version: str = __version__
 
     @field_validator("class_names")
