@@ -298,3 +298,18 @@ def test_on_lite0_the_one_pass_writes_the_bits_tl_featurize_writes(tmp_path):
             theirs = load_file(str(tmp_path / "cache" / cache["key"] / shard.name))
             for key, tensor in load_file(str(shard)).items():
                 assert tensor.equal(theirs[key]), (name, shard.name, key)
+
+
+def test_a_probe_whose_folds_would_not_fit_the_memory_budget_is_scored_on_val(tmp_path, monkeypatch):
+    """Cross-validation holds every fold's logits: past cache.memory_mib it is skipped (cv_acc
+    None) and the choice falls back to val accuracy, rather than the sweep running out of memory."""
+    import tlcli.engine.sweep as sweep_module
+    from tlcli import api
+    from tlcli.engine.probe import cross_validation_mib
+
+    assert cross_validation_mib(1000, 100, 10) < cross_validation_mib(2000, 100, 10) < cross_validation_mib(2000, 100, 100)
+    monkeypatch.setattr(sweep_module, "cross_validation_mib", lambda *a, **k: 10.0**9)
+    result = api.sweep(sweep_recipe(tmp_path, unfreeze=False))
+    assert [r.cv_acc for r in result.rows] == [None] * len(result.rows)
+    best = max(r.val_acc for r in result.rows)
+    assert result.choice.val_acc == best

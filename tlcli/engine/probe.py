@@ -107,6 +107,12 @@ def fold_of(n: int, folds: int, seed: int) -> torch.Tensor:
     return out
 
 
+def cross_validation_mib(rows: int, features: int, classes: int, l2s: int = 1, folds: int = 5) -> float:
+    """About the memory `cross_validated` takes, in MiB: the rows, and per fold and L2 the
+    weights and the logits with their gradients (float32, four copies of each at most)."""
+    return 4 * (rows * features + 4 * l2s * folds * (features * classes + rows * classes)) / 2**20
+
+
 def cross_validated(x: torch.Tensor, labels: torch.Tensor, classes: int, l2_grid=L2_GRID, folds: int = 5,
                     seed: int = 0, iterations: int = 100) -> tuple[float, float]:
     """(accuracy, l2): the probe's k-fold cross-validated accuracy on the rows `x` (n, d), at the

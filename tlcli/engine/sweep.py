@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -23,7 +24,7 @@ from tlcli.config.reading import anchored, dump_recipe
 from tlcli.config.schema import FreezeSpec, Recipe
 from tlcli.config.sweep import Candidate, candidates, recommended_text, unfreeze_candidates
 from tlcli.engine.plan import Plan, make_plan
-from tlcli.engine.probe import cross_validated
+from tlcli.engine.probe import cross_validated, cross_validation_mib
 from tlcli.engine.sweep_cache import fill_caches, view_cache
 from tlcli.engine.train import fit_plan
 from tlcli.errors import SpecError, TLError
@@ -123,7 +124,7 @@ def _measured(candidate: Candidate, plan: Plan, caches: dict, where: SweepDir, r
     l2 = result.stages[-1].l2
     cv_acc = None
     if candidate.kind != "unfreeze" and l2 is not None and len(cache.manifest["frontier"]) == 1:
-        cv_acc = _cross_validated(cache, l2, plan.recipe.data.split.seed)
+        cv_acc = _cross_validated(cache, l2, plan.recipe.data.split.seed, plan.recipe.cache.memory_mib)
     row = SweepRow(id=candidate.id, kind=candidate.kind, boundary=candidate.boundary,
                    trainable_params=result.stages[-1].trainable_params, cache_bytes=cache_bytes,
                    val_acc=result.final["val_acc"], cv_acc=cv_acc, l2=l2,
@@ -132,9 +133,13 @@ def _measured(candidate: Candidate, plan: Plan, caches: dict, where: SweepDir, r
     return row
 
 
-def _cross_validated(cache, l2: float, seed: int) -> float:
+def _cross_validated(cache, l2: float, seed: int, budget_mib: int) -> Optional[float]:
     """The probe's 5-fold accuracy over the cache's train and val rows (held in memory: a probe's
-    rows are, or it would not have been fitted by L-BFGS with an L2)."""
+    rows are, or it would not have been fitted by L-BFGS with an L2). None when the folds' logits
+    would not fit cache.memory_mib (many rows times many classes): the probe is then scored on val."""
+    n = cache.count("train") + cache.count("val")
+    if cross_validation_mib(n, cache.manifest["frontier"][0]["shape"][0], len(cache.manifest["class_names"])) > budget_mib:
+        return None
     rows = [(f[0], y) for split in ("train", "val") for f, y in cache.iterate(split)]
     x, y = torch.cat([f for f, _ in rows]), torch.cat([y for _, y in rows])
     return cross_validated(x, y, len(cache.manifest["class_names"]), l2_grid=(l2,), seed=seed)[0]
