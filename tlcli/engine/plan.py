@@ -54,7 +54,6 @@ class Plan:
                 reporter.warn(str(recipe.problem(("distributed", key), "ignored: read under torchrun only "
                                                                         "(this is one process)")))
 
-
     def precision_hint(self, reporter: Reporter) -> None:
         """After the work, once: on hardware with native bf16, a recipe that left `precision` at
         its default (fp32; docs/performance.md says why) hears that bf16 is one line away."""

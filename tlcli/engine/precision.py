@@ -34,7 +34,7 @@ BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 @dataclass(frozen=True)
 class Precision:
     name: Name
-    reason: str  # said when a command starts: why this precision, on this machine
+    reason: str  # why this precision, on this machine (said at the start when a recipe asks for auto or bf16)
 
     @property
     def bf16(self) -> bool:

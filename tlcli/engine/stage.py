@@ -136,7 +136,8 @@ class CacheBatches:
 
 
 class ImageBatches:
-    """An image stage's batches, decoded each epoch; under torchrun, this rank's share."""
+    """An image stage's batches, decoded each epoch (or, without augmentation, once and held);
+    under torchrun, this rank's share."""
 
     def __init__(self, view: Network, splits: dict, stage: Stage, device: torch.device, threads: int, batch: int,
                  val_batch: int, on_bad_image: str, skipped: set[str], balanced: bool = False, memory_mib: int = 0):
