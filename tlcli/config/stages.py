@@ -115,9 +115,14 @@ def recipe_warnings(recipe: Recipe) -> list[str]:
                                   f"schedule {stage.fine_tune.schedule} has no steps; it is read with schedule: step")
     if recipe.head.layer == "none" and "init" in recipe.head.model_fields_set:
         found.append(recipe.problem(("head", "init"), "ignored: head: {layer: none} replaces no layer"))
+    for stage in stages:
+        if stage.augment is not None and stage.augment.changes_nothing:
+            found.append(recipe.problem((*stage.loc, "augment"), "augments nothing (hflip 0, no random_resized_crop, no "
+                                        "color_jitter above 0): the stage trains on images, un-augmented; without "
+                                        "augment it would train from the feature cache"))
     if not any(s.input == "cache" for s in stages):
         # memory_mib also holds an un-augmented image stage's decoded images.
-        read = {"memory_mib"} if any(s.augment is None for s in stages) else set()
+        read = {"memory_mib"} if any(s.augment is None or s.augment.changes_nothing for s in stages) else set()
         for key in sorted({"dtype", "shard_size", "memory_mib"} - read & recipe.cache.model_fields_set):
             found.append(recipe.problem(("cache", key), "ignored: no stage trains from the feature cache"))
     found += _ignored_by_layer_type(recipe)

@@ -116,6 +116,13 @@ class AugmentSpec(Strict):
     color_jitter: Optional[JitterSpec] = Field(default=None,
                                                description="Random brightness, contrast, saturation and hue.")
 
+    @property
+    def changes_nothing(self) -> bool:
+        """No step would alter an image (hflip 0, no crop, a jitter of zeros): the stage trains un-augmented."""
+        jitter = self.color_jitter
+        return (self.random_resized_crop is None and self.hflip == 0
+                and (jitter is None or not any((jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue))))
+
 
 # A stage overrides any fine_tune field; the rest come from the recipe's fine_tune.
 FineTuneOverride = create_model(

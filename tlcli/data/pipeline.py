@@ -220,9 +220,12 @@ def to_model_input(batch: torch.Tensor, pp: Preprocess, device: torch.device,
 
 def augmentation(spec, pp: Preprocess):
     """The recipe's augmentation as a transforms.v2 pipeline on an image already
-    at the model's input size (uint8, or float in [0, 1]), before normalisation."""
+    at the model's input size (uint8, or float in [0, 1]), before normalisation;
+    None when no step would change an image (v2.Compose refuses an empty list)."""
     from torchvision.transforms import v2
 
+    if spec.changes_nothing:
+        return None
     steps = []
     if spec.random_resized_crop is not None:
         c = spec.random_resized_crop
@@ -232,7 +235,8 @@ def augmentation(spec, pp: Preprocess):
         ))
     if spec.hflip > 0:
         steps.append(v2.RandomHorizontalFlip(spec.hflip))
-    if spec.color_jitter is not None:
+    if spec.color_jitter is not None and any((spec.color_jitter.brightness, spec.color_jitter.contrast,
+                                              spec.color_jitter.saturation, spec.color_jitter.hue)):
         j = spec.color_jitter
         steps.append(v2.ColorJitter(brightness=j.brightness, contrast=j.contrast, saturation=j.saturation, hue=j.hue))
     return v2.Compose(steps)
