@@ -1,6 +1,8 @@
 """The input pipeline: backend choice, prefetching equals serial loading, decoders agree,
 and every image mode becomes the right 8-bit pixels."""
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -192,3 +194,137 @@ def test_16_bit_png_through_torchvision_keeps_its_grey_levels(tmp_path):
     pixels = read_image(str(tmp_path / "x.png"))
     assert len(torch.unique(pixels)) == 16  # not crushed to two levels
     assert int(pixels[0, 0, 0]) == 0 and int(pixels[0, 3, 3]) == 255
+
+
+# ----------------------------------------------------------------- the CUDA plumbing, on the CPU
+
+
+class _Ahead(StandIn):
+    """A stand-in that notes the thread each decode runs on and says when the second batch's began."""
+
+    def __init__(self):
+        super().__init__()
+        import threading
+
+        self.threads, self.second = [], threading.Event()
+
+    def decode(self, data, device):
+        import threading
+
+        self.threads.append(threading.current_thread().name)
+        if len(self.calls) == 1:
+            self.second.set()
+        return super().decode(data, device)
+
+
+def test_the_device_worker_decodes_the_next_batch_while_the_consumer_holds_this_one(tmp_path):
+    """The GPU decode runs on the device worker, not in the consumer's thread: while the
+    consumer still holds batch 0 (it has not asked for batch 1), batch 1's decode starts."""
+    standin = _Ahead()
+    loader = iter(ImageLoader(_photos(tmp_path, 9), PP, 3, torch.device("cpu"), threads=2, gpu_decoder=standin))
+    next(loader)
+    assert standin.second.wait(timeout=120), "batch 1 was not decoded until the consumer asked for it"
+    rest = list(loader)
+    assert len(rest) == 2 and set(standin.threads) == {"tl-device_0"}
+
+
+class _FakeCuda:
+    """torch.cuda's streams and events as records: which stream ran the decoder, which events
+    the consumer's stream waited on, in what order."""
+
+    def __init__(self):
+        self.log, self.active = [], None
+
+    class Stream:
+        def __init__(self, device):
+            self.name = "worker"
+
+        def wait_event(self, event):
+            raise AssertionError("the worker's stream waits on nothing")
+
+    class _Consumer:
+        def __init__(self, log):
+            self.log = log
+
+        def wait_event(self, event):
+            self.log.append(("consumer waits", event.id))
+
+    class Event:
+        count = 0
+
+        def __init__(self):
+            _FakeCuda.Event.count += 1
+            self.id = _FakeCuda.Event.count
+
+        def record(self, stream):
+            assert stream.name == "worker"
+            self.recorded = True
+
+    @contextlib.contextmanager
+    def stream(self, stream):
+        self.active = stream
+        try:
+            yield
+        finally:
+            self.active = None
+
+    def current_stream(self, device):
+        return _FakeCuda._Consumer(self.log)
+
+
+
+def test_each_batch_is_decoded_on_the_workers_stream_and_waited_for_by_the_consumers(tmp_path):
+    from tlcli.data.pipeline import DeviceLane
+
+    fake = _FakeCuda()
+
+    class OnStream(StandIn):
+        def decode(self, data, device):
+            fake.log.append(("decode", fake.active.name if fake.active else None))
+            return super().decode(data, device)
+
+    pairs = _mixed(tmp_path)
+    loader = ImageLoader(pairs, PP, 4, torch.device("cpu"), threads=2, gpu_decoder=OnStream(),
+                         lane=DeviceLane(torch.device("cpu"), cuda=fake))
+    seen = []
+    for x, y in loader:
+        seen.append([entry for entry in fake.log if entry[0] == "consumer waits"])
+    assert all(entry == ("decode", "worker") for entry in fake.log if entry[0] == "decode")
+    waits = seen[-1]
+    # One event per batch, each waited on by the time its batch is yielded, in order.
+    assert [len(s) for s in seen] == [1, 2, 3] and [w[1] for w in waits] == sorted(w[1] for w in waits)
+    for (a, ya), (b, yb) in zip(ImageLoader(pairs, PP, 4, torch.device("cpu"), threads=2, gpu_decoder=StandIn(),
+                                            lane=DeviceLane(torch.device("cpu"), cuda=_FakeCuda())), _cpu_batches(pairs)):
+        assert torch.equal(a, b) and torch.equal(ya, yb)
+
+
+def test_images_decoded_on_the_cpu_reach_the_device_in_one_copy(monkeypatch):
+    """The meta device stands in for the GPU: the CPU-decoded images of a batch are copied in
+    one call, the one already on the device is left as it is, and order and skips are kept."""
+    from tlcli.data.pipeline import staged_on_device
+
+    meta = torch.device("meta")
+    on_device = torch.zeros(3, 32, 32, dtype=torch.uint8, device=meta)
+    host = [torch.full((3, 32, 32), i, dtype=torch.uint8) for i in range(3)]
+    copies = []
+    original = torch.Tensor.to
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: copies.append(tuple(self.shape)) or original(self, *a, **k))
+    out = staged_on_device([host[0], on_device, None, host[1], host[2]], meta, pin=False)
+    assert copies == [(3, 3, 32, 32)]  # one copy, of the three stacked
+    assert out[1] is on_device and out[2] is None
+    assert all(o.device == meta and o.shape == (3, 32, 32) for i, o in enumerate(out) if i != 2)
+
+
+def test_images_of_one_shape_are_resized_together_with_the_pixels_of_one_at_a_time(monkeypatch):
+    import tlcli.data.pipeline as pipeline
+
+    rng = np.random.default_rng(0)
+    shapes = [(3, 40, 50), (3, 40, 50), (3, 60, 30), (3, 40, 50), (3, 60, 30), (3, 33, 33)]
+    images = [torch.from_numpy(rng.integers(0, 256, s, dtype=np.uint8)) for s in shapes]
+    one_by_one = [fit_to_size(img, PP) for img in images]
+    calls = []
+    original = pipeline.fit_to_size
+    monkeypatch.setattr(pipeline, "fit_to_size", lambda image, pp: calls.append(image.ndim) or original(image, pp))
+    together = pipeline.fit_in_batches(images, PP)
+    assert calls == [4, 4, 3]  # one call per shape
+    assert all(torch.equal(a, b) for a, b in zip(together, one_by_one))

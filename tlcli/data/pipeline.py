@@ -12,7 +12,10 @@ and predict:
    channels_last.
 
 Threads decode batch k+1 while batch k runs forward (torch's decoders and
-resize release the GIL). Augmentation, when a stage has it, runs in the main
+resize release the GIL). On CUDA a device worker with its own stream decodes
+the JPEGs of the batches ahead with nvjpeg, resizes them a shape at a time and
+copies the CPU-decoded rest in one pinned copy; the consumer's stream waits on
+its event, so decoding overlaps the forward instead of running before it. Augmentation, when a stage has it, runs in the main
 thread in a fixed order, so a seeded epoch replays exactly. The decoder is
 part of the cache key and the checkpoint: nvjpeg and libjpeg-turbo differ by
 +-1 in some pixels.
@@ -21,6 +24,7 @@ part of the cache key and the checkpoint: nvjpeg and libjpeg-turbo differ by
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
 import warnings
 from collections import deque
@@ -192,7 +196,7 @@ def _pad_to(image: torch.Tensor, size: int, fill: list) -> torch.Tensor:
     bottom, right = max(size - h, 0) - top, max(size - w, 0) - left
     if not (top or bottom or left or right):
         return image
-    out = torch.empty((*image.shape[:-2], h + top + bottom, w + left + right), dtype=image.dtype)
+    out = torch.empty((*image.shape[:-2], h + top + bottom, w + left + right), dtype=image.dtype, device=image.device)
     for c in range(out.shape[-3]):
         out[..., c, :, :] = fill[c] if c < len(fill) else fill[0]
     out[..., top : top + h, left : left + w] = image
@@ -255,16 +259,19 @@ def _chunks(pairs: Sequence[tuple[Source, int]], batch_size: int,
 class ImageLoader:
     """Batches of preprocessed images on the device, decoded `prefetch` batches ahead.
 
-    CPU decoding runs on a thread pool; with nvjpeg on CUDA, the pool only
-    reads files and the GPU decodes each batch. Iterating yields
-    (normalised float batch on the device, labels on the CPU).
+    CPU decoding runs on a thread pool. With a GPU decoder (nvjpeg on CUDA) the pool only
+    reads files (and decodes what is not a JPEG), and one device worker, on its own CUDA
+    stream, decodes each batch's JPEGs, copies the CPU-decoded images in one pinned copy and
+    resizes in batches, while the main thread's stream runs the forward of the batch before.
+    Iterating yields (normalised float batch on the device, labels on the CPU).
     """
 
     def __init__(self, pairs, pp: Preprocess, batch_size: int, device: torch.device, threads: int,
                  augment=None, order: Optional[Sequence[int]] = None, prefetch: int = 2, gpu_decoder=None,
-                 on_bad_image: str = "error"):
+                 on_bad_image: str = "error", lane: Optional["DeviceLane"] = None):
         """`gpu_decoder`: what decodes raw JPEGs on the device (default nvjpeg on CUDA, none on
-        the CPU); any object with nvjpeg's `decode(list of bytes tensors, device)`."""
+        the CPU); any object with nvjpeg's `decode(list of bytes tensors, device)`.
+        `lane`: where the device worker's work runs (default: its own stream on CUDA)."""
         self.chunks = _chunks(pairs, batch_size, order)
         self.pp, self.device, self.augment = pp, device, augment
         self.threads, self.prefetch = threads, max(prefetch, 1)
@@ -273,6 +280,7 @@ class ImageLoader:
         self.gpu_decoder = gpu_decoder
         self._stats: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # mean and std on the device, made once
         self.pin = device.type == "cuda"
+        self.lane = lane if lane is not None else DeviceLane(device)
         self.skip_bad = on_bad_image == "skip"
         self.skipped: list[str] = []  # with on_bad_image: skip, the files left out
         self.chunk = -1
@@ -285,23 +293,39 @@ class ImageLoader:
         (a chunk whose images were all skipped yields nothing)."""
         if self.threads == 0:
             for i, chunk in enumerate(self.chunks):
-                batch = self._finish([self._guarded(s) for s, _ in chunk], chunk)
+                images = [self._guarded(s) for s, _ in chunk]
+                if self.gpu_decoder:
+                    images, event = self._on_device(images, chunk)
+                    self.lane.hand_over(images, event)
+                batch = self._finish(images, chunk)
                 if batch is not None:
                     self.chunk = i
                     yield batch
             return
-        with concurrent.futures.ThreadPoolExecutor(self.threads, thread_name_prefix="tl-decode") as pool:
+        with contextlib.ExitStack() as stack:
+            pool = stack.enter_context(concurrent.futures.ThreadPoolExecutor(self.threads, thread_name_prefix="tl-decode"))
+            # One device worker: decoding on the GPU holds torchvision's global lock anyway,
+            # and one stream keeps the batches in order.
+            device_worker = (stack.enter_context(concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tl-device"))
+                             if self.gpu_decoder else None)
             pending: deque = deque()
             for i, chunk in enumerate(self.chunks):
-                pending.append((i, chunk, [pool.submit(self._guarded, s) for s, _ in chunk]))
+                reads = [pool.submit(self._guarded, s) for s, _ in chunk]
+                work = device_worker.submit(self._read_and_decode, reads, chunk) if device_worker else None
+                pending.append((i, chunk, reads, work))
                 if len(pending) > self.prefetch:
                     yield from self._ready(pending.popleft())
             while pending:
                 yield from self._ready(pending.popleft())
 
     def _ready(self, pending) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        i, chunk, futures = pending
-        batch = self._finish([f.result() for f in futures], chunk)
+        i, chunk, reads, work = pending
+        if work is not None:
+            images, event = work.result()
+            self.lane.hand_over(images, event)
+        else:
+            images = [f.result() for f in reads]
+        batch = self._finish(images, chunk)
         if batch is not None:
             self.chunk = i
             yield batch
@@ -318,11 +342,20 @@ class ImageLoader:
                 raise
             return None
 
-    def _finish(self, images: list, chunk) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-        if self.gpu_decoder:
-            # Raw JPEG bytes decode on the device in one call; the rest were decoded on the CPU.
+    def _read_and_decode(self, reads: list, chunk):
+        """In the device worker: the chunk's files as read, then on the device."""
+        return self._on_device([f.result() for f in reads], chunk)
+
+    def _on_device(self, images: list, chunk) -> tuple[list, object]:
+        """Raw JPEG bytes decoded on the device in one call and resized in batches, the images
+        decoded on the CPU copied over in one pinned copy, all on the lane's stream; and the
+        event that marks the work done, for the consumer's stream to wait on."""
+        with self.lane.working():
             images = gpu_decode(self.gpu_decoder, images, [s for s, _ in chunk], self.pp, self.device, self.skip_bad)
-            images = [img.to(self.device, non_blocking=True) if img is not None else None for img in images]
+            images = staged_on_device(images, self.device, self.pin)
+            return images, self.lane.done()
+
+    def _finish(self, images: list, chunk) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         self.skipped.extend(str(s) for (s, _), img in zip(chunk, images) if img is None)
         chunk = [item for item, img in zip(chunk, images) if img is not None]
         images = [img for img in images if img is not None]
@@ -338,6 +371,76 @@ class ImageLoader:
         if self._stats is None:
             self._stats = mean_std(self.pp, self.device)
         return to_model_input(batch, self.pp, self.device, self._stats), labels
+
+
+class DeviceLane:
+    """Where the device worker's work runs, and how its results reach the consumer. On CUDA:
+    a stream of its own, and an event the consumer's stream waits on before it reads a batch
+    (each tensor is then recorded on the consumer's stream, so the caching allocator does not
+    hand its memory back to the worker's stream while it is still read). Elsewhere the work
+    runs in order and there is nothing to wait for. `cuda` is torch.cuda; tests pass a stand-in."""
+
+    def __init__(self, device: torch.device, cuda=None):
+        self.device = device
+        self.cuda = cuda if cuda is not None else (torch.cuda if device.type == "cuda" else None)
+        self.stream = None  # made at the first batch: a loader is built before any CUDA work is due
+
+    def working(self):
+        if self.cuda is None:
+            return contextlib.nullcontext()
+        if self.stream is None:
+            self.stream = self.cuda.Stream(self.device)
+        return self.cuda.stream(self.stream)
+
+    def done(self):
+        if self.stream is None:
+            return None
+        event = self.cuda.Event()
+        event.record(self.stream)
+        return event
+
+    def hand_over(self, images: list, event) -> None:
+        """In the consumer's thread, before it reads `images`."""
+        if event is None:
+            return
+        current = self.cuda.current_stream(self.device)
+        current.wait_event(event)
+        for image in images:
+            if image is not None and image.is_cuda:
+                image.record_stream(current)
+
+
+def staged_on_device(images: list, device: torch.device, pin: bool) -> list:
+    """The images not yet on the device (decoded and sized on the CPU: every one the same
+    shape) stacked into one (pinned) buffer and copied in one non-blocking copy, instead of
+    one small copy each from pageable memory. Order and Nones (skipped files) are kept."""
+    on_host = [i for i, img in enumerate(images) if img is not None and img.device != device]
+    if not on_host:
+        return images
+    stacked = torch.stack([images[i] for i in on_host])
+    if pin:
+        stacked = stacked.pin_memory()
+    moved = stacked.to(device, non_blocking=pin).unbind(0)
+    out = list(images)
+    for i, image in zip(on_host, moved):
+        out[i] = image
+    return out
+
+
+def fit_in_batches(images: list, pp: Preprocess) -> list:
+    """`fit_to_size` of each image, images of one shape resized together in one call (a
+    folder of photos is mostly one or two shapes): a few kernels per batch, not per image."""
+    out = [None] * len(images)
+    groups: dict[tuple, list[int]] = {}
+    for i, image in enumerate(images):
+        groups.setdefault(tuple(image.shape), []).append(i)
+    for indices in groups.values():
+        if len(indices) == 1:
+            out[indices[0]] = fit_to_size(images[indices[0]], pp)
+            continue
+        for i, image in zip(indices, fit_to_size(torch.stack([images[i] for i in indices]), pp).unbind(0)):
+            out[i] = image
+    return out
 
 
 def _read_bytes_or_decode(source: Source, pp: Preprocess):
@@ -380,7 +483,7 @@ def gpu_decode(decoder, items: list, sources: list, pp: Preprocess, device: torc
     except RuntimeError:
         decoded = [_decode_one(decoder, items[i], sources[i], pp, device, skip_bad) for i in raw]
     else:
-        decoded = [fit_to_size(image, pp) for image in decoded]
+        decoded = fit_in_batches(decoded, pp)
     out = list(items)
     for i, image in zip(raw, decoded):
         out[i] = image
@@ -394,7 +497,7 @@ def _decode_one(decoder, data: torch.Tensor, source, pp: Preprocess, device: tor
     except RuntimeError:
         pass  # the GPU decoder's refusal; the CPU has the last word
     try:
-        return load_sized(source, pp).to(device)
+        return load_sized(source, pp)  # on the CPU; staged_on_device copies it with the batch's others
     except DataError:
         if skip_bad:
             return None

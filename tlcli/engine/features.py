@@ -61,10 +61,36 @@ class _Extractor:
         self.store_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """x: a normalised batch on the device (the pipeline's output)."""
+        """x: a normalised batch on the device (the pipeline's output). The outputs on the CPU."""
+        return self.start(x).result()
+
+    def start(self, x: torch.Tensor) -> "_Outputs":
+        """The forward of `x` enqueued and its outputs on their way to the CPU: on CUDA into
+        pinned buffers by non-blocking copies, so the caller can write the batch before while
+        this one computes (a blocking copy into pageable memory stalls the stream each batch)."""
         with self.precision.autocast(self.device):
             outs = self.module(x)
-        return [o.to("cpu", self.store_dtype).contiguous() for o in outs]
+        if self.device.type != "cuda":
+            return _Outputs([o.to("cpu", self.store_dtype).contiguous() for o in outs], None)
+        host = []
+        for o in outs:
+            o = o.to(self.store_dtype).contiguous()
+            host.append(torch.empty(o.shape, dtype=o.dtype, pin_memory=True).copy_(o, non_blocking=True))
+        done = torch.cuda.Event()
+        done.record()
+        return _Outputs(host, done)
+
+
+class _Outputs:
+    """A batch's features on the CPU once `done` (a CUDA event; None: already there) has passed."""
+
+    def __init__(self, tensors: list[torch.Tensor], done):
+        self.tensors, self.done = tensors, done
+
+    def result(self) -> list[torch.Tensor]:
+        if self.done is not None:
+            self.done.synchronize()
+        return self.tensors
 
 
 def featurize(view: Network, data: DataPlan, device: torch.device, cache: CacheSpec, spec: DataSpec,
@@ -171,13 +197,24 @@ def _write_splits(view: Network, data: DataPlan, splits: list[str], extract: "_E
                               decode_threads(spec.num_workers, extract.device), on_bad_image=spec.on_bad_image)
         writer = ShardWriter(tmp, split_name, unit_batches, mine)
         with reporter.task(f"featurize {split_name}", total=len(my_pairs), unit="img") as task, torch.inference_mode():
-            for x, y in batches:
-                outs = extract(x)
+            def write(pending) -> None:
+                outs, y, chunk = pending[0].result(), pending[1], pending[2]
                 if not part["frontier"]:
                     part["frontier"] = [{"name": n, "shape": list(o.shape[1:]), "dtype": dtype_name}
                                         for n, o in zip(view.split.frontier_names, outs)]
-                writer.add(outs, y, batches.chunk)
+                writer.add(outs, y, chunk)
                 task.advance(len(y))
+
+            # Batch k is written while batch k+1 computes (on CUDA; on the CPU each result is
+            # there when start returns, and the order of the writes is the same).
+            pending = None
+            for x, y in batches:
+                started_batch = (extract.start(x), y, batches.chunk)
+                if pending is not None:
+                    write(pending)
+                pending = started_batch
+            if pending is not None:
+                write(pending)
         part["splits"][split_name] = writer.summary()
         part["skipped"].extend(batches.skipped)
     part["seconds"] = round(time.perf_counter() - started, 3)
