@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.tl-installed
 # local wheel store, and an unpinned torchvision can pull a mismatched torch.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-fast docs bench head-probe imbalance keras-blog sweep-bench precision-bench two-stage clean install
+.PHONY: demo test test-fast docs bench compile-bench head-probe imbalance keras-blog sweep-bench precision-bench two-stage clean install
 
 install: $(STAMP)
 
@@ -39,6 +39,9 @@ docs: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench.py
+
+compile-bench: $(STAMP)
+	$(PY) benchmarks/compile_bench.py
 
 head-probe: $(STAMP)
 	$(PY) benchmarks/head_probe.py

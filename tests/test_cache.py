@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -24,7 +25,8 @@ def key_of(recipe_dict) -> str:
     recipe = Recipe.model_validate(recipe_dict)
     plan = plan_data(recipe.data)
     prepared = build_network(recipe, plan.class_names)
-    return cache_key(key_components(prepared, plan, prepared.extractor(), recipe.cache.dtype, precision="fp32"))
+    return cache_key(key_components(prepared, plan, prepared.extractor(), recipe.cache.dtype, precision="fp32",
+                                    compiled=recipe.cache.compile))
 
 
 def _weights_file(path, seed):
@@ -44,12 +46,68 @@ def test_feature_relevant_changes_give_new_keys(tmp_path):
         "data split": tiny_recipe(tmp_path, base={"weights": {"file": w1}}, data={"split": {"seed": 1}}),
         "classes": tiny_recipe(tmp_path, base={"weights": {"file": w1}}, data={"classes": [0, 1, 2, 3, 4]}),
         "dtype": tiny_recipe(tmp_path, base={"weights": {"file": w1}}, cache={"dtype": "bfloat16"}),
+        "compile": tiny_recipe(tmp_path, base={"weights": {"file": w1}}, cache={"compile": True}),
     }
     keys = {name: key_of(r) for name, r in variants.items()}
     reference = key_of(base)
     for name, key in keys.items():
         assert key != reference, f"changing the {name} must change the cache key"
     assert len(set(keys.values())) == len(keys)
+
+
+def test_caches_written_before_the_compile_option_keep_their_keys(tmp_path):
+    """`compile` enters the key's components only when on: every uncompiled cache on disk is still hit."""
+    recipe = Recipe.model_validate(tiny_recipe(tmp_path))
+    plan = plan_data(recipe.data)
+    prepared = build_network(recipe, plan.class_names)
+    off = key_components(prepared, plan, prepared.extractor(), "float32", precision="fp32")
+    on = key_components(prepared, plan, prepared.extractor(), "float32", precision="fp32", compiled=True)
+    assert "compile" not in off and on == {**off, "compile": True}
+
+
+def _compiled_and_eager(tmp_path, monkeypatch, compile_with):
+    """The train/val/test features of one recipe featurized eagerly and with cache.compile, and the
+    two cache directories; `compile_with` stands in for torch.compile (None: the real one)."""
+    from tlcli.config.reading import load_recipe
+    from tlcli.engine.features import featurize_recipe
+    from safetensors.torch import load_file
+
+    if compile_with is not None:
+        monkeypatch.setattr(torch, "compile", compile_with)
+    out = {}
+    for compiled in (False, True):
+        path = write_recipe(tmp_path / f"{compiled}.yaml", tiny_recipe(tmp_path, cache={"compile": compiled}))
+        (cache,) = featurize_recipe(load_recipe(path))
+        shards = sorted(cache.path.glob("*.safetensors"))
+        out[compiled] = (cache.path, {s.name: load_file(str(s)) for s in shards})
+    return out
+
+
+def test_a_compiled_featurize_compiles_once_pads_its_short_batches_and_keeps_its_own_cache(tmp_path, monkeypatch):
+    """torch.compile (a stand-in that records what it is given) is asked once, for one static
+    shape; every batch reaches it at the full batch size (a short one padded, its rows cut back
+    after), and the rows written are the eager ones, in a cache of their own."""
+    asked, sizes = [], []
+
+    def standin(module, **options):
+        asked.append(options)
+        return lambda x: sizes.append(len(x)) or module(x)
+
+    out = _compiled_and_eager(tmp_path, monkeypatch, standin)
+    assert asked == [{"dynamic": False}] and set(sizes) == {32}  # splits of 140, 20 and 40 rows at batch 32
+    (eager_dir, eager), (compiled_dir, compiled) = out[False], out[True]
+    assert eager_dir != compiled_dir and eager.keys() == compiled.keys()
+    for name in eager:
+        for tensor in eager[name]:
+            assert torch.allclose(eager[name][tensor].float(), compiled[name][tensor].float(), atol=1e-6), (name, tensor)
+
+
+@pytest.mark.slow
+def test_the_real_torch_compile_featurizes_what_eager_featurizes(tmp_path, monkeypatch):
+    out = _compiled_and_eager(tmp_path, monkeypatch, None)
+    for name, tensors in out[False][1].items():
+        for tensor, eager in tensors.items():
+            assert torch.allclose(eager.float(), out[True][1][name][tensor].float(), atol=1e-4, rtol=1e-4), (name, tensor)
 
 
 def test_training_only_changes_reuse_the_key(tmp_path):

@@ -123,7 +123,7 @@ def recipe_warnings(recipe: Recipe) -> list[str]:
     if not any(s.input == "cache" for s in stages):
         # memory_mib also holds an un-augmented image stage's decoded images.
         read = {"memory_mib"} if any(s.augment is None or s.augment.changes_nothing for s in stages) else set()
-        for key in sorted({"dtype", "shard_size", "memory_mib"} - read & recipe.cache.model_fields_set):
+        for key in sorted({"dtype", "shard_size", "memory_mib", "compile"} - read & recipe.cache.model_fields_set):
             found.append(recipe.problem(("cache", key), "ignored: no stage trains from the feature cache"))
     found += _ignored_by_layer_type(recipe)
     if recipe.data.dataset == "digits" and "on_bad_image" in recipe.data.model_fields_set:

@@ -36,29 +36,37 @@ from tlcli.progress import Reporter
 
 
 def key_components(view: Network, data: DataPlan, extractor: torch.fx.GraphModule, dtype: str, *, precision: str,
-                   decoder: str = "libjpeg-turbo", splits: Optional[Sequence[str]] = None) -> dict:
+                   decoder: str = "libjpeg-turbo", splits: Optional[Sequence[str]] = None, compiled: bool = False) -> dict:
     """Everything that determines the cached features of `view`'s frozen part (`extractor`), one
     hash or value each; `splits`: which of the data's splits the cache holds (all by default)."""
     return _components(data.identity(decoder), view.frozen_identity(extractor), dtype, precision,
-                       splits or list(data.splits))
+                       splits or list(data.splits), compiled)
 
 
-def _components(data_identity: dict, frozen_identity: dict, dtype: str, precision: str, splits: Sequence[str]) -> dict:
+def _components(data_identity: dict, frozen_identity: dict, dtype: str, precision: str, splits: Sequence[str],
+                compiled: bool = False) -> dict:
     # precision: what computed the rows; dtype: how they are stored. A head trained on bf16
-    # features is evaluated on bf16 features: neither may hit the other's cache.
+    # features is evaluated on bf16 features: neither may hit the other's cache. A compiled
+    # forward fuses differently (features within about 1e-5): its own cache too; named only
+    # when on, so that every cache written before the option keeps its key.
     return {"format": CACHE_FORMAT, **frozen_identity, **data_identity, "dtype": dtype, "precision": precision,
-            "splits": sorted(splits)}
+            "splits": sorted(splits), **({"compile": True} if compiled else {})}
 
 
 class _Extractor:
     """The frozen part on the device, in channels_last, computing at the plan's precision and
     storing at the cache's dtype."""
 
-    def __init__(self, module: torch.fx.GraphModule, device: torch.device, precision: Precision, dtype: str):
+    def __init__(self, module: torch.fx.GraphModule, device: torch.device, precision: Precision, dtype: str,
+                 compiled: bool = False, batch: int = 0):
         self.device = device
         self.module = to_channels_last(module.to(device).eval(), device)
         self.precision = precision
         self.store_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+        # Compiled for one batch size: a short last batch is padded to it (in eval mode each row's
+        # features depend on that row alone), since a second shape would compile it all again.
+        self.compiled = torch.compile(self.module, dynamic=False) if compiled else None
+        self.batch = batch
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         """x: a normalised batch on the device (the pipeline's output). The outputs on the CPU."""
@@ -69,7 +77,7 @@ class _Extractor:
         pinned buffers by non-blocking copies, so the caller can write the batch before while
         this one computes (a blocking copy into pageable memory stalls the stream each batch)."""
         with self.precision.autocast(self.device):
-            outs = self.module(x)
+            outs = self._forward(x)
         if self.device.type != "cuda":
             return _Outputs([o.to("cpu", self.store_dtype).contiguous() for o in outs], None)
         host = []
@@ -79,6 +87,15 @@ class _Extractor:
         done = torch.cuda.Event()
         done.record()
         return _Outputs(host, done)
+
+
+    def _forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if self.compiled is None:
+            return list(self.module(x))
+        n = len(x)
+        if n < self.batch:
+            x = torch.cat([x, x.new_zeros((self.batch - n, *x.shape[1:]))]).contiguous(memory_format=torch.channels_last)
+        return [o[:n] for o in self.compiled(x)] if n < self.batch else list(self.compiled(x))
 
 
 class _Outputs:
@@ -103,10 +120,11 @@ def featurize(view: Network, data: DataPlan, device: torch.device, cache: CacheS
     data_identity = data.identity(jpeg_decoder(device))
     extractor = view.extractor()
     identity = view.frozen_identity(extractor)
-    components = _components(data_identity, identity, cache.dtype, precision.name, splits)
+    components = _components(data_identity, identity, cache.dtype, precision.name, splits, cache.compile)
     key = cache_key(components)
     final = Path(cache.dir) / key
-    whole = Path(cache.dir) / cache_key(_components(data_identity, identity, cache.dtype, precision.name, list(data.splits)))
+    whole = Path(cache.dir) / cache_key(_components(data_identity, identity, cache.dtype, precision.name, list(data.splits),
+                                                    cache.compile))
     if whole != final and not force and open_cache(whole) is not None:
         # A cache of every split (a sweep's, or a one-stage run's) holds the rows this one needs.
         if distributed.current().main:
@@ -131,7 +149,7 @@ def _build(view: Network, data: DataPlan, splits: list[str], frozen: tuple, tmp:
     """Every rank's shards into `tmp`; then rank 0 writes the manifest (last) and swaps it in.
     `frozen`: the frozen part, the device and the precision it runs at."""
     dist = distributed.current()
-    extract = _Extractor(*frozen, cache.dtype)
+    extract = _Extractor(*frozen, cache.dtype, compiled=cache.compile, batch=spec.batch_size)
     try:
         with out_of_memory(f"featurizing (batch {spec.batch_size})", "lower data.batch_size"):
             part = _write_splits(view, data, splits, extract, tmp, cache, spec, reporter)

@@ -91,7 +91,7 @@ def cached_logits(run, plan, cache_spec, device) -> Optional[Scored]:
         return None
     view = run.network
     key = cache_key(key_components(view, plan, view.extractor(), cache_spec.dtype, precision=run.meta.precision,
-                                   decoder=jpeg_decoder(device)))
+                                   decoder=jpeg_decoder(device), compiled=cache_spec.compile))
     cache = open_cache(Path(cache_spec.dir) / key)
     if cache is None or cache.count("test") != len(plan.splits.get("test", [])) or not cache.count("test"):
         return None

@@ -46,7 +46,7 @@ def view_cache(view: Network, plan: Plan) -> Wanted:
     """The cache `view`'s frozen part fills on `plan`'s data, keyed with every split: the key
     `tl fit` of a recipe frozen there finds."""
     components = _components(plan.data.identity(jpeg_decoder(plan.device)), view.frozen_identity(view.extractor()),
-                             plan.recipe.cache.dtype, plan.precision.name, list(plan.data.splits))
+                             plan.recipe.cache.dtype, plan.precision.name, list(plan.data.splits), plan.recipe.cache.compile)
     return Wanted(cache_key(components), components, view.split.frontier_names, view)
 
 
@@ -89,7 +89,7 @@ def _one_pass(union: Plan, wanted: list[Wanted], tmps: dict[str, Path], reporter
     targets = [graph.by_name[name] for name in names]
     frozen = split_at(graph, targets).frozen
     extract = _Extractor(frozen_extractor(Split(graph, frozen, targets)), union.device, union.precision,
-                         union.recipe.cache.dtype)
+                         union.recipe.cache.dtype, compiled=union.recipe.cache.compile, batch=union.recipe.data.batch_size)
     spec, cache = union.recipe.data, union.recipe.cache
     parts = {w.key: {"frontier": [], "splits": {}, "skipped": []} for w in wanted}
     started = time.perf_counter()
