@@ -47,7 +47,7 @@ def _components(data_identity: dict, frozen_identity: dict, dtype: str, precisio
                 compiled: bool = False) -> dict:
     # precision: what computed the rows; dtype: how they are stored. A head trained on bf16
     # features is evaluated on bf16 features: neither may hit the other's cache. A compiled
-    # forward fuses differently (features within about 1e-5): its own cache too; named only
+    # forward fuses differently (features within 1e-4): its own cache too; named only
     # when on, so that every cache written before the option keeps its key.
     return {"format": CACHE_FORMAT, **frozen_identity, **data_identity, "dtype": dtype, "precision": precision,
             "splits": sorted(splits), **({"compile": True} if compiled else {})}
@@ -150,6 +150,9 @@ def _build(view: Network, data: DataPlan, splits: list[str], frozen: tuple, tmp:
     `frozen`: the frozen part, the device and the precision it runs at."""
     dist = distributed.current()
     extract = _Extractor(*frozen, cache.dtype, compiled=cache.compile, batch=spec.batch_size)
+    if cache.compile and dist.main:
+        reporter.info(f"cache.compile: the frozen part is compiled by torch.compile for batch {spec.batch_size}; "
+                      "the first batch waits for it (about a minute on a CPU)")
     try:
         with out_of_memory(f"featurizing (batch {spec.batch_size})", "lower data.batch_size"):
             part = _write_splits(view, data, splits, extract, tmp, cache, spec, reporter)
