@@ -63,7 +63,7 @@ STATIC = {
         {"data": "{dataset: digits, limit: 200, on_bad_image: skip}"}),
     "an augment that changes nothing": (
         "freeze: {until: block.1}\nfine_tune: {optimizer: adam}\naugment: {hflip: 0}\n",
-        "8: augment: augments nothing (hflip 0, no random_resized_crop, no color_jitter above 0)"),
+        "8: augment: augments nothing (hflip 0, no random_resized_crop, no color_jitter)"),
     "a stage's own lr under lbfgs": (
         "freeze: {until: dropout}\nstages:\n  - name: probe\n    fine_tune: {optimizer: lbfgs, lr: 0.5}\n",
         "9: stages.0.fine_tune.lr: ignored: lbfgs"),

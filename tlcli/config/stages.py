@@ -118,7 +118,7 @@ def recipe_warnings(recipe: Recipe) -> list[str]:
     for stage in stages:
         if stage.augment is not None and stage.augment.changes_nothing:
             found.append(recipe.problem((*stage.loc, "augment"), "augments nothing (hflip 0, no random_resized_crop, no "
-                                        "color_jitter above 0): the stage trains on images, un-augmented; without "
+                                        "color_jitter): the stage trains on images, un-augmented; without "
                                         "augment it would train from the feature cache"))
     if not any(s.input == "cache" for s in stages):
         # memory_mib also holds an un-augmented image stage's decoded images.

@@ -118,10 +118,9 @@ class AugmentSpec(Strict):
 
     @property
     def changes_nothing(self) -> bool:
-        """No step would alter an image (hflip 0, no crop, a jitter of zeros): the stage trains un-augmented."""
-        jitter = self.color_jitter
-        return (self.random_resized_crop is None and self.hflip == 0
-                and (jitter is None or not any((jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue))))
+        """No step is asked for (hflip 0, no crop, no jitter): the stage trains un-augmented. (A
+        jitter of zeros is still a step: it draws from the generator, and a seeded run replays it.)"""
+        return self.random_resized_crop is None and self.hflip == 0 and self.color_jitter is None
 
 
 # A stage overrides any fine_tune field; the rest come from the recipe's fine_tune.

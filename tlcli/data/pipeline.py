@@ -15,8 +15,9 @@ Threads decode batch k+1 while batch k runs forward (torch's decoders and
 resize release the GIL). On CUDA a device worker with its own stream decodes
 the JPEGs of the batches ahead with nvjpeg, resizes them a shape at a time and
 copies the CPU-decoded rest in one pinned copy; the consumer's stream waits on
-its event, so decoding overlaps the forward instead of running before it. Augmentation, when a stage has it, runs in the main
-thread in a fixed order, so a seeded epoch replays exactly. The decoder is
+its event, so decoding overlaps the forward instead of running before it.
+Augmentation, when a stage has it, runs in the main thread in a fixed order,
+so a seeded epoch replays exactly. The decoder is
 part of the cache key and the checkpoint: nvjpeg and libjpeg-turbo differ by
 +-1 in some pixels.
 """
@@ -225,7 +226,7 @@ def to_model_input(batch: torch.Tensor, pp: Preprocess, device: torch.device,
 def augmentation(spec, pp: Preprocess):
     """The recipe's augmentation as a transforms.v2 pipeline on an image already
     at the model's input size (uint8, or float in [0, 1]), before normalisation;
-    None when no step would change an image (v2.Compose refuses an empty list)."""
+    None when it asks for no step (v2.Compose refuses an empty list)."""
     from torchvision.transforms import v2
 
     if spec.changes_nothing:
@@ -239,8 +240,7 @@ def augmentation(spec, pp: Preprocess):
         ))
     if spec.hflip > 0:
         steps.append(v2.RandomHorizontalFlip(spec.hflip))
-    if spec.color_jitter is not None and any((spec.color_jitter.brightness, spec.color_jitter.contrast,
-                                              spec.color_jitter.saturation, spec.color_jitter.hue)):
+    if spec.color_jitter is not None:
         j = spec.color_jitter
         steps.append(v2.ColorJitter(brightness=j.brightness, contrast=j.contrast, saturation=j.saturation, hue=j.hue))
     return v2.Compose(steps)

@@ -88,7 +88,6 @@ class _Extractor:
         done.record()
         return _Outputs(host, done)
 
-
     def _forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         if self.compiled is None:
             return list(self.module(x))
