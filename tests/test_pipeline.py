@@ -8,16 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from tlcli.data.pipeline import (
-    ImageLoader,
-    NvjpegDecoder,
-    _decode_with_pil,
-    decode_threads,
-    jpeg_decoder,
-    fit_to_size,
-    read_image,
-    to_model_input,
-)
+from tlcli.data.device_decode import DeviceLane, NvjpegDecoder, fit_in_batches, staged_on_device
+from tlcli.data.images import _decode_with_pil, fit_to_size, read_image
+from tlcli.data.pipeline import ImageLoader, decode_threads, jpeg_decoder, to_model_input
 from tlcli.model.preprocess import Preprocess
 
 PP = Preprocess(32, 32, "squash", (0.5,) * 3, (0.5,) * 3, "bilinear")
@@ -274,8 +267,6 @@ class _FakeCuda:
 
 
 def test_each_batch_is_decoded_on_the_workers_stream_and_waited_for_by_the_consumers(tmp_path):
-    from tlcli.data.pipeline import DeviceLane
-
     fake = _FakeCuda()
 
     class OnStream(StandIn):
@@ -301,8 +292,6 @@ def test_each_batch_is_decoded_on_the_workers_stream_and_waited_for_by_the_consu
 def test_images_decoded_on_the_cpu_reach_the_device_in_one_copy(monkeypatch):
     """The meta device stands in for the GPU: the CPU-decoded images of a batch are copied in
     one call, the one already on the device is left as it is, and order and skips are kept."""
-    from tlcli.data.pipeline import staged_on_device
-
     meta = torch.device("meta")
     on_device = torch.zeros(3, 32, 32, dtype=torch.uint8, device=meta)
     host = [torch.full((3, 32, 32), i, dtype=torch.uint8) for i in range(3)]
@@ -316,15 +305,15 @@ def test_images_decoded_on_the_cpu_reach_the_device_in_one_copy(monkeypatch):
 
 
 def test_images_of_one_shape_are_resized_together_with_the_pixels_of_one_at_a_time(monkeypatch):
-    import tlcli.data.pipeline as pipeline
+    import tlcli.data.device_decode as device_decode
 
     rng = np.random.default_rng(0)
     shapes = [(3, 40, 50), (3, 40, 50), (3, 60, 30), (3, 40, 50), (3, 60, 30), (3, 33, 33)]
     images = [torch.from_numpy(rng.integers(0, 256, s, dtype=np.uint8)) for s in shapes]
     one_by_one = [fit_to_size(img, PP) for img in images]
     calls = []
-    original = pipeline.fit_to_size
-    monkeypatch.setattr(pipeline, "fit_to_size", lambda image, pp: calls.append(image.ndim) or original(image, pp))
-    together = pipeline.fit_in_batches(images, PP)
+    original = device_decode.fit_to_size
+    monkeypatch.setattr(device_decode, "fit_to_size", lambda image, pp: calls.append(image.ndim) or original(image, pp))
+    together = fit_in_batches(images, PP)
     assert calls == [4, 4, 3]  # one call per shape
     assert all(torch.equal(a, b) for a, b in zip(together, one_by_one))
