@@ -11,6 +11,7 @@ manifest once all are done.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import time
@@ -65,7 +66,12 @@ class _Extractor:
         self.store_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
         # Compiled for one batch size: a short last batch is padded to it (in eval mode each row's
         # features depend on that row alone), since a second shape would compile it all again.
-        self.compiled = torch.compile(self.module, dynamic=False) if compiled else None
+        self.compiled = None
+        if compiled:
+            # Inductor's C++ build says "No CUDA runtime is found, using CUDA_HOME" on every CPU
+            # machine with a CUDA build of torch: noise between tl's lines, not a problem.
+            logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+            self.compiled = torch.compile(self.module, dynamic=False)
         self.batch = batch
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
