@@ -58,6 +58,25 @@ def test_a_marker_that_is_not_tls_does_not_make_a_run(tmp_path, cli):
     assert _snapshot(tmp_path / "d") == before
 
 
+def test_a_run_killed_while_writing_its_marker_is_tls_to_start_again(tmp_path, cli):
+    """Killed between the marker's part file and its rename (seen as a sweep resumed after a kill),
+    a run directory holds tl's lock and `tl-run.json.part` only: fit starts there. One file more
+    of anyone else's, and it is a user's folder again."""
+    run = tmp_path / "d"
+    run.mkdir()
+    (run / "tl-run.lock").write_bytes(b"")
+    (run / "tl-run.json.part").write_bytes(b'{"tl_ver')
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, output_dir=str(run), fine_tune={"epochs": 1}))
+    (run / "notes.txt").write_text("mine")
+    before = _snapshot(run)
+    code, out = cli("fit", path)
+    assert code == 1 and "not a tl run" in out and _snapshot(run) == before
+    (run / "notes.txt").unlink()
+    code, out = cli("fit", path)
+    assert code == 0, out
+    assert json.loads((run / "tl-run.json").read_text())["tl_version"] and not (run / "tl-run.json.part").exists()
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("lost")

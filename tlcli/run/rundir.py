@@ -143,12 +143,16 @@ class RunDir:
     def finished(self) -> bool:
         return self.is_run() and (self.path / CHECKPOINT).is_file()
 
-    def _foreign(self) -> bool:
+    def foreign(self) -> bool:
+        """A file, or a non-empty directory that tl did not write: never written into."""
         if not self.path.exists():
             return False
         if not self.path.is_dir():
             return True
-        return not self.is_run() and any(p.name != LOCK for p in self.path.iterdir())
+        # A fit killed while it wrote its marker leaves the lock and the marker's part file and
+        # nothing else (the marker is written first): tl's own start, to be started again.
+        started = {LOCK, MARKER + ".part"}
+        return not self.is_run() and any(p.name not in started for p in self.path.iterdir())
 
     # -- admission: may a fit use this directory?
 
@@ -163,7 +167,7 @@ class RunDir:
         if recipe_file is not None and recipe_file.is_file() and self.path.resolve() in holders:
             raise SpecError([(("output_dir",), f"{self.path} holds this recipe file; fit would write over it: "
                                                "choose a directory of its own (e.g. runs/NAME)")])
-        if self._foreign():
+        if self.foreign():
             what = "a file" if not self.path.is_dir() else "a non-empty directory that is not a tl run"
             raise RunError(f"{self.path} is {what} (no {MARKER}); tl only writes into its own run directories: "
                            "choose another output_dir, or empty this one")

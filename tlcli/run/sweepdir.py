@@ -89,8 +89,7 @@ class SweepDir:
             if self.run.path.resolve() in holders:
                 raise RunError(f"{self.run.path} holds this recipe file; the sweep would write beside it: choose an "
                                "output_dir of its own (e.g. runs/NAME)")
-        if self.run.path.exists() and (not self.run.path.is_dir() or (
-                not self.run.is_run() and any(p.name != "tl-run.lock" for p in self.run.path.iterdir()))):
+        if self.run.foreign():
             raise RunError(f"{self.run.path} is not a tl run directory (no {MARKER}); tl only writes into its own: "
                            "choose another output_dir, or empty this one")
         self.check_state(recipe_text, force, resume)
