@@ -211,3 +211,20 @@ def test_unreadable_images_follow_the_recipes_policy(tmp_path, cli, policy):
     assert "skipped 1 unreadable image(s)" in out
     meta = json.loads((tmp_path / "run" / "checkpoint.json").read_text())
     assert [Path(p).name for p in meta["skipped_images"]] == ["broken.jpg"]
+
+
+def test_images_are_listed_in_path_order_without_hidden_ones_or_linked_folders(tmp_path):
+    # The order decides the split: a folder sorts where its name does, so `b/` comes before
+    # `b-1.png` ('-' < '/' as strings, but the folder's name `b` is shorter); hidden names
+    # anywhere below the root, non-images and links to folders are left out.
+    from tlcli.data.sources import visible_images
+
+    root = tmp_path / "cls"
+    for rel in ["b/z.png", "b-1.png", "a.png", "A.PNG", "b/a/c.jpg", "ab.jpeg", ".h/x.png", "._y.png",
+                "__MACOSX/m.png", "b/.d/e.png", "notes.txt", "a."]:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"x")
+    (root / "c").symlink_to(root / "b", target_is_directory=True)
+    (root / "d.png").symlink_to(root / "a.png")
+    got = [p.relative_to(root).as_posix() for p in visible_images(root)]
+    assert got == ["A.PNG", "a.png", "ab.jpeg", "b/a/c.jpg", "b/z.png", "b-1.png", "d.png"]

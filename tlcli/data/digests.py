@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sqlite3
 from pathlib import Path
 from typing import Optional
@@ -17,6 +18,7 @@ from tlcli.errors import DataError
 from tlcli.files import file_digest
 
 INDEX = "digests.sqlite"
+_DIGEST = re.compile(r"[0-9a-f]{32}")
 
 
 def index_path(cache_dir: str) -> Path:
@@ -76,7 +78,7 @@ class DigestIndex:
 
 def _is_digest(value) -> bool:
     """A row read back from the index is trusted only if its digest has the right form."""
-    return isinstance(value, str) and len(value) == 32 and all(c in "0123456789abcdef" for c in value)
+    return isinstance(value, str) and _DIGEST.fullmatch(value) is not None
 
 
 def _stat_key(path: str) -> tuple:
