@@ -228,3 +228,13 @@ def test_images_are_listed_in_path_order_without_hidden_ones_or_linked_folders(t
     (root / "d.png").symlink_to(root / "a.png")
     got = [p.relative_to(root).as_posix() for p in visible_images(root)]
     assert got == ["A.PNG", "a.png", "ab.jpeg", "b/a/c.jpg", "b/z.png", "b-1.png", "d.png"]
+
+
+def test_a_folder_gone_before_it_is_listed_holds_no_images(tmp_path):
+    # Removed between the class scan and the listing (another process cleaning up): no images
+    # there, as rglob had it, not an OSError traceback.
+    from tlcli.data.sources import visible_images
+
+    assert list(visible_images(tmp_path / "gone")) == []
+    (tmp_path / "file.png").write_bytes(b"x")
+    assert list(visible_images(tmp_path / "file.png")) == []
