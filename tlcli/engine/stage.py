@@ -162,7 +162,9 @@ class ImageBatches:
         order = self.epoch_order(generator)
         if self.hold:
             x, y = self._decoded("train")
-            return (([x[idx]], y[idx]) for idx in torch.tensor(order, dtype=torch.long).split(self.batch))
+            # The images are on the device, their labels on the CPU (as the loader gives them).
+            return (([x.index_select(0, idx.to(x.device))], y.index_select(0, idx))
+                    for idx in torch.tensor(order, dtype=torch.long).split(self.batch))
         return self._noting_skips(ImageLoader(self.splits["train"], self.view.preprocess, self.batch, self.device,
                                               self.threads, self.augment, order, on_bad_image=self.on_bad_image))
 

