@@ -111,13 +111,15 @@ def test_cuda_gets_the_determinism_switches_and_the_cpu_keeps_its_defaults():
     code = ("import os, torch; from tlcli.engine.device import make_deterministic; "
             "make_deterministic(torch.device(os.environ['DEV'])); "
             "print(torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(), "
-            "torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, os.environ.get('CUBLAS_WORKSPACE_CONFIG'))")
+            "torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, os.environ.get('CUBLAS_WORKSPACE_CONFIG'), "
+            "torch.utils.deterministic.fill_uninitialized_memory)")
     env = {k: v for k, v in os.environ.items() if k != "CUBLAS_WORKSPACE_CONFIG"}
     # torch.device("cuda") is only a name here: the switches are set, no GPU is touched.
     on = subprocess.run([sys.executable, "-c", code], env={**env, "DEV": "cuda"}, capture_output=True, text=True)
     off = subprocess.run([sys.executable, "-c", code], env={**env, "DEV": "cpu"}, capture_output=True, text=True)
-    assert on.stdout.split() == ["True", "True", "True", "False", ":4096:8"], on.stderr
-    assert off.stdout.split() == ["False", "False", "False", "False", "None"], off.stderr
+    # Without a NaN fill of every new tensor: deterministic kernels, not a kernel per allocation.
+    assert on.stdout.split() == ["True", "True", "True", "False", ":4096:8", "False"], on.stderr
+    assert off.stdout.split() == ["False", "False", "False", "False", "None", "True"], off.stderr
 
 
 # --------------------------------------------------------------------------- durable writes

@@ -73,6 +73,10 @@ def make_deterministic(device: torch.device) -> None:
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
     torch.use_deterministic_algorithms(True, warn_only=True)
+    # Deterministic mode also fills every new tensor with NaN before use (torch's "Reproducibility"
+    # notes: a performance drop), so that a kernel reading memory it never wrote is caught. tl's
+    # ops write what they read; the fill would cost a kernel per allocation, every batch.
+    torch.utils.deterministic.fill_uninitialized_memory = False
 
 
 def to_channels_last(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
