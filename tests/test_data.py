@@ -175,6 +175,7 @@ def test_hidden_files_and_macos_debris_are_skipped(tmp_path, junk):
     ("class_only_in_test", "class 'd' is in test/ but not in train/"),
     ("empty_test", "test holds no images"),
     ("link_to_root", "links back into the data folder"),
+    ("image_linked_twice", "links back into the data folder"),
 ])
 def test_bad_data_folders_are_errors_that_say_what_is_wrong(tmp_path, cli, fault, fragment):
     import os
@@ -191,9 +192,12 @@ def test_bad_data_folders_are_errors_that_say_what_is_wrong(tmp_path, cli, fault
     elif fault == "empty_test":
         root = make_imagefolder(tmp_path / "imgs", per_class=6, split_dirs=["train"])
         (root / "test" / "a").mkdir(parents=True)
-    else:
+    elif fault == "link_to_root":
         root = make_imagefolder(tmp_path / "imgs", per_class=10)
         os.symlink(root, root / "d")
+    else:  # one image of a/ again in b/, through a link to it: it would be counted twice
+        root = make_imagefolder(tmp_path / "imgs", per_class=10)
+        os.symlink(sorted((root / "a").iterdir())[0], root / "b" / "twin.png")
     code, out = _fit_data(tmp_path, cli, {"imagefolder": str(root)})
     assert code == 1 and fragment in out and "data.imagefolder" in out, out
     assert not (tmp_path / "run").exists()

@@ -285,6 +285,11 @@ def _hidden(path: Path) -> bool:
 def visible_images(folder: Path) -> Iterator[Path]:
     """The image files under `folder`, recursively, in a stable order, hidden ones and
     anything inside a hidden folder left out."""
+    return (path for path, _ in _visible_image_entries(folder))
+
+
+def _visible_image_entries(folder: Path) -> Iterator[tuple[Path, bool]]:
+    """visible_images, each with whether it is a symbolic link (known from the listing: no lstat)."""
     # One scandir per folder, entries in name order and each folder walked where its name
     # sorts: the order of sorted(rglob("*")), without a Path and a stat per file (8,192 files
     # took 0.3 s that way, a fifth of a cache hit's work). Like rglob, links to folders are
@@ -298,9 +303,9 @@ def visible_images(folder: Path) -> Iterator[Path]:
         if _hidden(Path(entry.name)):
             continue
         if entry.is_dir(follow_symlinks=False):
-            yield from visible_images(folder / entry.name)
+            yield from _visible_image_entries(folder / entry.name)
         elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS and entry.is_file():
-            yield folder / entry.name
+            yield folder / entry.name, entry.is_symlink()
 
 
 def _class_dirs(folder: Path, loc: tuple) -> list[str]:
@@ -322,8 +327,9 @@ def _scan(root: Path, folder: Path, names: list[str], loc: tuple) -> list[tuple[
         if not class_dir.is_dir():
             continue  # a class absent from val/ or test/ just has no images there
         _check_link(class_dir, root, loc)
-        for path in visible_images(class_dir):
-            _check_link(path, root, loc)
+        for path, link in _visible_image_entries(class_dir):
+            if link:  # (an lstat per file otherwise: 50 ms for 8,192 files)
+                _check_link(path, root, loc)
             pairs.append((str(path), label))
     return pairs
 
