@@ -64,6 +64,11 @@ STATIC = {
     "an augment that changes nothing": (
         "freeze: {until: block.1}\nfine_tune: {optimizer: adam}\naugment: {hflip: 0}\n",
         "8: augment: augments nothing (hflip 0, no random_resized_crop, no color_jitter)"),
+    "refit under adam": ("freeze: {until: block.1}\nfine_tune: {optimizer: adam, refit: false}\n",
+                         "7: fine_tune.refit: ignored: adam keeps val held out"),
+    "refit under early stopping": (
+        "freeze: {until: dropout}\nfine_tune:\n  optimizer: lbfgs\n  early_stopping: {patience: 2}\n  refit: true\n",
+        "10: fine_tune.refit: ignored: early stopping keeps the epoch that scored best on val"),
     "a stage's own lr under lbfgs": (
         "freeze: {until: dropout}\nstages:\n  - name: probe\n    fine_tune: {optimizer: lbfgs, lr: 0.5}\n",
         "9: stages.0.fine_tune.lr: ignored: lbfgs"),

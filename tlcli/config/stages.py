@@ -163,9 +163,14 @@ def ignored_by_optimizer(recipe: Recipe, stage: Stage, optimizer: str) -> list[P
     ft = stage.fine_tune
     if optimizer == "lbfgs":
         how = "optimizer auto fits this head with L-BFGS" if ft.optimizer == "auto" else "lbfgs fits this head"
-        return ignored_keys(recipe, stage, _LBFGS_IGNORES, f"{how} (full batch, its own step size); "
-                                                           "set optimizer: adam to use it")
-    found = []
+        found = ignored_keys(recipe, stage, _LBFGS_IGNORES, f"{how} (full batch, its own step size); "
+                                                            "set optimizer: adam to use it")
+        if ft.early_stopping is not None:
+            found += ignored_keys(recipe, stage, ("refit",), "early stopping keeps the epoch that scored best on val, "
+                                                             "fitted without it")
+        return found
+    found = ignored_keys(recipe, stage, ("refit",), f"{optimizer} keeps val held out; refit is read by the probe fit "
+                                                    "(optimizer auto on a lone Linear head, or lbfgs)")
     if optimizer in ("adam", "adamw"):
         found += ignored_keys(recipe, stage, ("momentum",), f"{optimizer} has no momentum setting (it is read by sgd "
                                                             "and rmsprop)")

@@ -45,6 +45,18 @@ class Probe:
             linear.weight.copy_(weight)
 
 
+def restandardize(probe: Probe, head: nn.Linear, x: torch.Tensor) -> None:
+    """Standardises `x` (rows already standardised with the probe's statistics) again, in place,
+    with its own; the probe's statistics (in raw units) and the head follow, so that the head
+    computes what it did on the same raw rows: z = m + s z' makes W z + b = (W s) z' + (b + W m)."""
+    m, s = standardize([x], [])
+    with torch.no_grad():
+        head.bias.add_(head.weight @ m.to(head.weight))
+        head.weight.mul_(s.to(head.weight))
+    probe.mean = probe.mean + probe.std * m
+    probe.std = probe.std * s
+
+
 def probe_head(trainable: torch.fx.GraphModule, frontier_shapes: list[list[int]]) -> Optional[str]:
     """The Linear layer's name when the trainable part is one Linear (with a bias) on one flat input."""
     calls = [n for n in trainable.graph.nodes if n.op not in ("placeholder", "output")]

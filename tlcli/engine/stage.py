@@ -27,7 +27,7 @@ from tlcli.engine.cache import Batches, CacheRows, FeatureCache, class_balanced,
 from tlcli.engine.device import to_channels_last
 from tlcli.engine.optim import make_optimizer, make_scheduler
 from tlcli.engine.precision import FP32, Precision
-from tlcli.engine.probe import Probe, lbfgs_epoch, probe_head, standardize
+from tlcli.engine.probe import Probe, lbfgs_epoch, probe_head, restandardize, standardize
 from tlcli.errors import SpecError
 from tlcli.model.network import Network
 
@@ -261,6 +261,22 @@ class StageSetup:
         inputs, labels = self.batches.train_rows.memory
         head = self.view.model.get_submodule(self.probe.head)
         return lbfgs_epoch(self.forward, inputs, labels, optimizer, l2, [head.weight], self.class_weight)
+
+    def refit_probe(self, steps: int) -> int:
+        """The probe fitted again on train + val together, at its L2, from where its fit ended and
+        for as many full-batch steps; returns the rows it saw. Why: the val rows (10% of the data
+        by default) chose the L2; once chosen, leaving them out only loses data. On digits as PNGs
+        that cost tl 0.9 pt of test accuracy against scikit-learn's probe on the whole train split.
+        The rows are joined in one copy (the probe's full batch), standardised anew."""
+        (train, *_), train_labels = self.batches.train_rows.memory
+        (val, *_), val_labels = self.batches.val_rows.memory
+        x, labels = torch.cat([train, val]), torch.cat([train_labels, val_labels])
+        head = self.view.model.get_submodule(self.probe.head)
+        restandardize(self.probe, head, x)
+        optimizer = make_optimizer(self.ft, self.params)
+        for _ in range(steps):
+            lbfgs_epoch(self.forward, [x], labels, optimizer, self.probe.l2, [head.weight], self.class_weight)
+        return len(labels)
 
 
 def set_up(view: Network, stage: Stage, device: torch.device, batches, cache: Optional[FeatureCache],

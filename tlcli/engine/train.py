@@ -302,13 +302,20 @@ def _finish_stage(ctx: FitContext, setup: StageSetup, stopper: EarlyStopping, ep
     model = setup.view.model
     if stopper.best_state is not None:
         model.load_state_dict(stopper.best_state, strict=False)
+    refit_rows = None
     if setup.probe is not None:
+        # Not under early stopping: it keeps the epoch that scored best on val, fitted without it.
+        if setup.ft.refit and setup.has_val and setup.ft.early_stopping is None and setup.batches.val_rows.memory:
+            with one_thread_for_a_small_head(setup, ctx.plan.device):
+                refit_rows = setup.refit_probe(max(epochs_run, 1))
+            ctx.reporter.info(f"{setup.stage.name}: refit on train + val ({refit_rows} rows) at L2 "
+                              f"{setup.probe.l2:g}; the val scores logged are the fit's before, on rows it never saw")
         setup.probe.fold(model)
     ctx.hooks.on_stage_end(setup.stage, model)
     return StageSummary(name=setup.stage.name, input=setup.stage.input, frontier=setup.view.split.frontier_names,
                         epochs_run=epochs_run, best_epoch=stopper.best_epoch or None,
                         trainable_params=setup.trainable_params, optimizer=setup.ft.optimizer,
-                        l2=setup.probe.l2 if setup.probe else None)
+                        l2=setup.probe.l2 if setup.probe else None, refit_rows=refit_rows)
 
 
 def _finish(ctx: FitContext, summaries: list[StageSummary], last_row: dict, cache_key: Optional[str],

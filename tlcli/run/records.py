@@ -38,6 +38,7 @@ class StageSummary(_Record):
     trainable_params: Count
     optimizer: Optional[str] = None  # what `auto` resolved to
     l2: Optional[Annotated[float, Field(gt=0, le=1e6)]] = None  # the probe fit's L2, when chosen on val
+    refit_rows: Optional[Count] = None  # the probe refitted on train + val: their rows
 
 
 class ResumeState(_Record):
