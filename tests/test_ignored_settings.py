@@ -69,6 +69,10 @@ STATIC = {
     "refit under early stopping": (
         "freeze: {until: dropout}\nfine_tune:\n  optimizer: lbfgs\n  early_stopping: {patience: 2}\n  refit: true\n",
         "10: fine_tune.refit: ignored: early stopping keeps the epoch that scored best on val"),
+    "refit in a stage another follows": (
+        "freeze: {until: dropout}\nstages:\n  - name: probe\n    fine_tune: {optimizer: lbfgs, refit: true}\n"
+        "  - name: more\n    freeze: {until: block.1}\n    fine_tune: {optimizer: adam}\n",
+        "9: stages.0.fine_tune.refit: ignored: a later stage trains on from this one"),
     "a stage's own lr under lbfgs": (
         "freeze: {until: dropout}\nstages:\n  - name: probe\n    fine_tune: {optimizer: lbfgs, lr: 0.5}\n",
         "9: stages.0.fine_tune.lr: ignored: lbfgs"),

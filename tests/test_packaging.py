@@ -100,5 +100,5 @@ def test_the_installed_wheel_lists_validates_and_runs_the_quickstart_outside_the
     tl("featurize", "quickstart.yaml")
     tl("fit", "quickstart.yaml")
     out = tl("evaluate", "quickstart.yaml")
-    assert "test accuracy 0.9667" in out, out
+    assert "test accuracy 0.9622" in out, out
     assert (work / "runs" / "quickstart" / "model.safetensors").is_file()

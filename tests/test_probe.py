@@ -246,3 +246,13 @@ def test_the_probe_is_refit_on_train_and_val_at_the_chosen_l2_and_logs_the_fit_b
     assert on_both < on_train / 20  # (seen: 1.1e-3 against 6.8e-2; L-BFGS stops at its tolerance)
     logged = [(tmp_path / d / "run" / "metrics.jsonl").read_text() for d in ("refit", "kept")]
     assert logged[0] == logged[1]
+
+
+def test_a_probe_stage_that_another_follows_is_not_refit(tmp_path):
+    """The next stage starts from this head: refitted on val, it would make that stage's val
+    scores not held out (tl sweep chose LP-FT runs on such scores)."""
+    r = tiny_recipe(tmp_path, freeze={"until": "dropout"}, stages=[
+        {"name": "head", "epochs": 2}, {"name": "deeper", "freeze": {"until": "block.1"}, "epochs": 1}])
+    del r["fine_tune"]["optimizer"]  # auto: the probe fit for the lone head, adam for the deeper stage
+    meta = json.loads((fit(Recipe.model_validate(r)).run_dir / "checkpoint.json").read_text())
+    assert [(s["optimizer"], s["refit_rows"]) for s in meta["stages"]] == [("lbfgs", None), ("adam", None)]

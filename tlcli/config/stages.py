@@ -168,6 +168,9 @@ def ignored_by_optimizer(recipe: Recipe, stage: Stage, optimizer: str) -> list[P
         if ft.early_stopping is not None:
             found += ignored_keys(recipe, stage, ("refit",), "early stopping keeps the epoch that scored best on val, "
                                                              "fitted without it")
+        elif stage.index < len(recipe.stages) - 1:
+            found += ignored_keys(recipe, stage, ("refit",), "a later stage trains on from this one; a head refitted "
+                                                             "on val would leave that stage's val scores not held out")
         return found
     found = ignored_keys(recipe, stage, ("refit",), f"{optimizer} keeps val held out; refit is read by the probe fit "
                                                     "(optimizer auto on a lone Linear head, or lbfgs)")

@@ -55,8 +55,9 @@ class FineTuneSpec(Strict):
     # Stop when the monitored validation metric stops improving; keep the best epoch's model.
     early_stopping: Optional[EarlyStoppingSpec] = None
     refit: bool = Field(default=True, description=(
-        "The probe fit: once its epochs are done, fit again on train + val at the same L2 (as scikit-learn's "
-        "LogisticRegressionCV does); the val scores logged are those of the fit before, on rows it never saw."))
+        "The probe fit of the last stage: once its epochs are done, fit again on train + val at the same L2 (as "
+        "scikit-learn's LogisticRegressionCV does); the val scores logged are those of the fit before, on rows it "
+        "never saw."))
     class_weights: Union[Literal["balanced"], dict[str, Annotated[float, Field(gt=0, le=1e6)]], None] = Field(
         default=None, description="Weights of the classes in the training loss: balanced (n / (classes * n_class), "
                                   "from the train split) or {class: weight} (unlisted classes weigh 1).")

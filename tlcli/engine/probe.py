@@ -4,9 +4,10 @@ When a cache stage trains exactly one Linear layer on one flat frontier
 tensor, and its rows are held in memory, `optimizer: auto` fits it like a
 linear probe: inputs standardised with the train rows' mean and std, the
 whole train split as one batch, L-BFGS with a line search, and an L2
-penalty chosen on the validation split. At the end of the stage the
-standardisation is folded into the Linear layer (W/std, b - W.mean), so
-the saved model keeps its shape and takes the raw features.
+penalty chosen on the validation split; then, once the epochs are done, the
+same fit again on train + val at that L2 (`fine_tune.refit`). At the end of
+the stage the standardisation is folded into the Linear layer (W/std,
+b - W.mean), so the saved model keeps its shape and takes the raw features.
 
 Why: on digits as PNGs (Lite0 features), adam with tl's old defaults (lr
 0.001, 10 epochs) scored 0.922 on test where scikit-learn's standardised

@@ -304,8 +304,7 @@ def _finish_stage(ctx: FitContext, setup: StageSetup, stopper: EarlyStopping, ep
         model.load_state_dict(stopper.best_state, strict=False)
     refit_rows = None
     if setup.probe is not None:
-        # Not under early stopping: it keeps the epoch that scored best on val, fitted without it.
-        if setup.ft.refit and setup.has_val and setup.ft.early_stopping is None and setup.batches.val_rows.memory:
+        if _refits(ctx, setup):
             with one_thread_for_a_small_head(setup, ctx.plan.device):
                 refit_rows = setup.refit_probe(max(epochs_run, 1))
             ctx.reporter.info(f"{setup.stage.name}: refit on train + val ({refit_rows} rows) at L2 "
@@ -316,6 +315,17 @@ def _finish_stage(ctx: FitContext, setup: StageSetup, stopper: EarlyStopping, ep
                         epochs_run=epochs_run, best_epoch=stopper.best_epoch or None,
                         trainable_params=setup.trainable_params, optimizer=setup.ft.optimizer,
                         l2=setup.probe.l2 if setup.probe else None, refit_rows=refit_rows)
+
+
+def _refits(ctx: FitContext, setup: StageSetup) -> bool:
+    """Whether the probe fit is refitted on train + val: asked for, with val rows in memory, and
+    neither under early stopping (it keeps the epoch that scored best on val, fitted without it)
+    nor in a stage that another follows (that stage would start from a head fitted on val, and
+    its val scores would no longer be held out: `tl sweep` then chose LP-FT runs by val scores
+    of 1.0 that scored below the default on test)."""
+    last = setup.stage.index == ctx.plan.stages[-1].index
+    return (setup.ft.refit and last and setup.has_val and setup.ft.early_stopping is None
+            and setup.batches.val_rows.memory is not None)
 
 
 def _finish(ctx: FitContext, summaries: list[StageSummary], last_row: dict, cache_key: Optional[str],
