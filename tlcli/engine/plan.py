@@ -63,7 +63,7 @@ class Plan:
         if native.bf16:
             why = native.reason.removeprefix("bf16 autocast: ").removesuffix(" (precision: auto)")
             reporter.info(f"hint: {why}; `precision: auto` runs the frozen part in bf16 autocast here, "
-                          "faster, and on our four folders as accurate or more (docs/performance.md)")
+                          "faster, and within 1 pt of fp32 on our four folders (docs/performance.md)")
 
 
 def make_plan(recipe: Recipe) -> Plan:
