@@ -256,3 +256,9 @@ def test_a_probe_stage_that_another_follows_is_not_refit(tmp_path):
     del r["fine_tune"]["optimizer"]  # auto: the probe fit for the lone head, adam for the deeper stage
     meta = json.loads((fit(Recipe.model_validate(r)).run_dir / "checkpoint.json").read_text())
     assert [(s["optimizer"], s["refit_rows"]) for s in meta["stages"]] == [("lbfgs", None), ("adam", None)]
+
+
+def test_under_early_stopping_the_probe_is_not_refit(tmp_path):
+    """Early stopping keeps the epoch that scored best on val: that head, fitted without val, is saved."""
+    result = fit(probe_recipe(tmp_path, early_stopping={"patience": 2}))
+    assert json.loads((result.run_dir / "checkpoint.json").read_text())["stages"][0]["refit_rows"] is None
