@@ -55,12 +55,64 @@ def test_restandardising_keeps_what_the_head_computes_on_raw_rows():
     rows = (raw - probe.mean) / probe.std  # every row, in the units of the first 30
     with torch.no_grad():
         expected = model.fc(rows)
-        restandardize(probe, model.fc, rows)
+        restandardize(probe, model.fc, [rows[:20], rows[20:]])  # as the refit passes train and val
         torch.testing.assert_close(rows.mean(0), torch.zeros(5), atol=1e-5, rtol=0)
         torch.testing.assert_close(rows.std(0, unbiased=False), torch.ones(5), atol=1e-5, rtol=0)
         torch.testing.assert_close(model.fc(rows), expected, atol=1e-4, rtol=1e-4)
         probe.fold(model)
         torch.testing.assert_close(model.fc(raw), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_pooled_statistics_of_parts_are_those_of_their_concatenation():
+    """The refit standardises train and val together without joining them: the pooled mean and
+    std must be what `standardize` computes on the joined rows (a constant column's std is 1)."""
+    from tlcli.engine.probe import pooled_mean_std
+
+    torch.manual_seed(0)
+    rows = torch.randn(70, 4) * torch.tensor([1, 50, 0.01, 0]) + torch.tensor([3, -200, 1, 5])
+    joined = rows.clone()
+    mean, std = standardize([joined], [])
+    pooled = pooled_mean_std([rows[:61], rows[61:], rows[:0]])
+    torch.testing.assert_close(pooled[0], mean, atol=1e-4, rtol=1e-6)
+    torch.testing.assert_close(pooled[1], std, atol=0, rtol=1e-5)
+    assert pooled[1][3] == 1
+
+
+def test_the_refit_holds_no_joined_copy_of_train_and_val(tmp_path, monkeypatch):
+    """`cache.memory_mib` bounds the rows held; the refit reads train and val where they lie.
+    Every tensor made during the refit is seen (a dispatch mode sees each op's outputs): no
+    table of feature rows is as long as train and val together, which a joined copy would be."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from tlcli.engine.stage import StageSetup
+
+    class LongestRows(TorchDispatchMode):
+        """The most rows of any (rows, features) tensor an op returns."""
+        width, rows = None, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[1] == LongestRows.width:
+                    LongestRows.rows = max(LongestRows.rows, t.shape[0])
+            return out
+
+    seen = {}
+    refit_probe = StageSetup.refit_probe
+
+    def recorded(self, steps):
+        (train, *_), _ = self.batches.train_rows.memory
+        (val, *_), _ = self.batches.val_rows.memory
+        LongestRows.width, seen["train"], seen["joined"] = train.shape[1], len(train), len(train) + len(val)
+        with LongestRows():
+            return refit_probe(self, steps)
+
+    monkeypatch.setattr(StageSetup, "refit_probe", recorded)
+    result = fit(probe_recipe(tmp_path))
+    assert json.loads((result.run_dir / "checkpoint.json").read_text())["stages"][0]["refit_rows"] == seen["joined"]
+    print(f"longest table of feature rows made during the refit: {LongestRows.rows} rows; "
+          f"train {seen['train']}, train + val {seen['joined']}")
+    assert seen["train"] <= LongestRows.rows < seen["joined"]  # it sees the train rows standardised in place
 
 
 def test_auto_fits_a_linear_head_as_a_probe_and_saves_it_folded(tmp_path):

@@ -46,16 +46,42 @@ class Probe:
             linear.weight.copy_(weight)
 
 
-def restandardize(probe: Probe, head: nn.Linear, x: torch.Tensor) -> None:
-    """Standardises `x` (rows already standardised with the probe's statistics) again, in place,
-    with its own; the probe's statistics (in raw units) and the head follow, so that the head
-    computes what it did on the same raw rows: z = m + s z' makes W z + b = (W s) z' + (b + W m)."""
-    m, s = standardize([x], [])
+def restandardize(probe: Probe, head: nn.Linear, parts: list[torch.Tensor]) -> None:
+    """Standardises the rows of `parts` (already standardised with the probe's statistics) again,
+    in place, with the statistics of all of them together; the probe's statistics (in raw units)
+    and the head follow, so that the head computes what it did on the same raw rows:
+    z = m + s z' makes W z + b = (W s) z' + (b + W m). The parts are not joined: the refit reads
+    train and val where the cache holds them, within `cache.memory_mib`."""
+    m, s = pooled_mean_std(parts)
+    for x in parts:
+        x.sub_(m.to(x.dtype)).div_(s.to(x.dtype))
     with torch.no_grad():
         head.bias.add_(head.weight @ m.to(head.weight))
         head.weight.mul_(s.to(head.weight))
-    probe.mean = probe.mean + probe.std * m
-    probe.std = probe.std * s
+    probe.mean = probe.mean + probe.std * m.to(probe.mean)
+    probe.std = probe.std * s.to(probe.std)
+
+
+def pooled_mean_std(parts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-column mean and (biased) std of the parts' rows taken together, as `standardize`
+    computes them on one tensor (a constant column's std is 1), without joining the parts: each
+    part's mean and variance, pooled in float64 (Chan et al.'s parallel formula)."""
+    count, mean, m2 = 0, None, None
+    for x in parts:
+        if not len(x):
+            continue
+        var_b, mean_b = torch.var_mean(x.float(), dim=0, correction=0)
+        n_b, mean_b, var_b = len(x), mean_b.double(), var_b.double()
+        if mean is None:
+            count, mean, m2 = n_b, mean_b, var_b * n_b
+            continue
+        delta, total = mean_b - mean, count + n_b
+        mean = mean + delta * (n_b / total)
+        m2 = m2 + var_b * n_b + delta.pow(2) * (count * n_b / total)
+        count = total
+    std = (m2 / count).sqrt()
+    std = torch.where(std > 1e-6, std, torch.ones_like(std))
+    return mean.float(), std.float()
 
 
 def probe_head(trainable: torch.fx.GraphModule, frontier_shapes: list[list[int]]) -> Optional[str]:
@@ -100,6 +126,27 @@ def lbfgs_epoch(model, inputs: list[torch.Tensor], labels: torch.Tensor, optimiz
         loss = F.cross_entropy(logits, labels, weight=class_weight).item()
         correct = (logits.argmax(1) == labels).sum().item()
     return {"loss": loss, "acc": correct / max(len(labels), 1), "n": len(labels)}
+
+
+def lbfgs_step_on_parts(model, parts: list[tuple[list[torch.Tensor], torch.Tensor]], optimizer: torch.optim.LBFGS,
+                        l2: float, weights: list[torch.Tensor], class_weight: Optional[torch.Tensor] = None) -> None:
+    """One L-BFGS step on rows held in several parts (the refit's train and val): the objective of
+    `lbfgs_epoch` on their concatenation, the weighted mean cross-entropy over all rows (weighted
+    as F.cross_entropy weighs: by the rows' class weights) plus the penalty, with no joined copy."""
+    total = sum(float(len(labels)) if class_weight is None else class_weight[labels].sum().item()
+                for _, labels in parts)
+    model.train(True)
+
+    def closure():
+        optimizer.zero_grad(set_to_none=True)
+        loss = sum(F.cross_entropy(model(inputs), labels, weight=class_weight, reduction="sum")
+                   for inputs, labels in parts) / total
+        loss = loss + 0.5 * l2 * sum(w.pow(2).sum() for w in weights)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    model.train(False)
 
 
 def choose_l2(fit: Callable[[float], dict]) -> float:
